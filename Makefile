@@ -1,0 +1,32 @@
+# Everything a fresh machine needs: python3, pip and make. uv is bootstrapped with pip when missing.
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+VENV := .venv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: env demo test dev bench lint clean
+
+$(UV):
+	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
+
+env: $(UV)
+	$(UV) sync --frozen --all-groups
+
+demo: env
+	$(VENV)/bin/audience-pipeline demo
+
+test: env
+	$(VENV)/bin/pytest -q
+
+# The Dagster UI and the daemon (which runs the sensors), with DAGSTER_HOME at the repo root.
+dev: env
+	DAGSTER_HOME=$(CURDIR) $(VENV)/bin/dagster dev -w workspace.yaml
+
+bench: env
+	$(VENV)/bin/python benchmarks/import_16m.py
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf data/lake data/dagster data/*.duckdb

@@ -1,0 +1,256 @@
+"""``audience-pipeline``: set up a workspace, import files, poll feeds, and look at the results."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import click
+import duckdb
+from rich.console import Console
+from rich.table import Table
+
+from audience_pipeline.config import ConfigError, Workspace, load_workspace
+from audience_pipeline.storage.catalog import ImportRecord
+
+console = Console()
+err = Console(stderr=True)
+
+
+class CliError(click.ClickException):
+    def show(self, file=None) -> None:
+        err.print(f"[red]error:[/red] {self.message}", markup=True, highlight=False)
+
+
+def _workspace(config: str | None) -> Workspace:
+    try:
+        return load_workspace(config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _runner(workspace: Workspace):
+    from audience_pipeline.runner import Runner, instance_for
+    from audience_pipeline.workspace_setup import prepare
+
+    prepare(workspace)
+    return Runner(workspace, instance_for(workspace))
+
+
+def _analytics(workspace: Workspace) -> duckdb.DuckDBPyConnection:
+    from audience_pipeline.workspace_setup import prepare
+
+    if not workspace.analytics.exists():
+        prepare(workspace)
+    con = duckdb.connect(str(workspace.analytics), read_only=True)
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def _table(title: str, cur: duckdb.DuckDBPyConnection) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in cur.description:
+        table.add_column(column[0])
+    for row in cur.fetchall():
+        table.add_row(*("" if v is None else str(v) for v in row))
+    return table
+
+
+def _outcome_line(record: ImportRecord) -> str:
+    if record.status == "failed":
+        return f"[red]failed[/red]    {record.file_name}: {record.error}"
+    if record.status == "skipped":
+        return f"[yellow]skipped[/yellow]   {record.file_name}: {record.error}"
+    return (
+        f"[green]{record.status}[/green] {record.file_name}: +{record.qualified} qualified, "
+        f"-{record.disqualified} disqualified, {record.members} members "
+        f"({record.rows_rejected} rejected, {record.unmatched} unmatched, {record.duplicates} duplicates)"
+    )
+
+
+config_option = click.option(
+    "--config", "config", envvar="AUDIENCE_PIPELINE_CONFIG", default=None,
+    help="Workspace configuration file (default: ./feeds.yaml, or $AUDIENCE_PIPELINE_CONFIG).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Import audience membership files into tracked Dagster runs, DuckDB snapshots and analyst views."""
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def init(directory: Path) -> None:
+    """Write a fresh workspace into DIRECTORY: feeds.yaml, dagster.yaml, a drop folder with sample files."""
+    from audience_pipeline.workspace_setup import init_workspace, prepare
+
+    written = init_workspace(directory)
+    prepare(load_workspace(directory / "feeds.yaml"))
+    for path in written:
+        console.print(f"wrote {path}")
+    console.print(f"workspace ready: cd {directory} && audience-pipeline poll")
+
+
+@main.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--feed", required=True, help="Feed whose format and rules apply to the files.")
+@config_option
+def import_(files: tuple[Path, ...], feed: str, config: str | None) -> None:
+    """Import FILES now, as the feed's sensor would (runs show in the Dagster UI)."""
+    workspace = _workspace(config)
+    try:
+        workspace.feed(feed)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    files = tuple(p.resolve() for p in files)
+    runner = _runner(workspace)
+    failures = []
+    for path in files:
+        started = time.monotonic()
+        with console.status(f"importing {path} ...", spinner="dots"):
+            try:
+                record = runner.import_file(feed, path)
+            except (FileNotFoundError, RuntimeError) as exc:
+                raise CliError(str(exc)) from None
+        console.print(f"import {record.import_id}: {_outcome_line(record)} [{time.monotonic() - started:.1f} s]")
+        if record.status == "failed":
+            failures.append(record)
+    if failures:
+        raise CliError("; ".join(f"{r.file_name}: {r.error}" for r in failures))
+
+
+@main.command()
+@click.option("--feed", default=None, help="Poll only this feed (default: every feed).")
+@config_option
+def poll(feed: str | None, config: str | None) -> None:
+    """Evaluate the feeds' sensors once and run the imports they ask for (for cron users)."""
+    workspace = _workspace(config)
+    feeds = [feed] if feed else sorted(workspace.config.feeds)
+    runner = _runner(workspace)
+    failed = []
+    for name in feeds:
+        try:
+            workspace.feed(name)
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
+        with console.status(f"polling {name} ...", spinner="dots"):
+            records = runner.poll(name)
+        if not records:
+            console.print(f"{name}: no new files")
+        for record in records:
+            console.print(f"{name}: import {record.import_id}: {_outcome_line(record)}")
+            if record.status == "failed":
+                failed.append(record)
+    if failed:
+        raise CliError(f"{len(failed)} import(s) failed: " + "; ".join(f"{r.file_name}: {r.error}" for r in failed))
+
+
+@main.command()
+@config_option
+def demo(config: str | None) -> None:
+    """Import every file in each feed's drop folder, then show the audiences and what changed."""
+    workspace = _workspace(config)
+    runner = _runner(workspace)
+    from audience_pipeline.sources import open_source
+
+    records = []
+    for name in sorted(workspace.config.feeds):
+        source = open_source(workspace.source_location(name))
+        from audience_pipeline.formats import get_format
+
+        fmt = get_format(workspace.feed(name).format)
+        for obj in source.list():
+            if not fmt.accepts(obj.name):
+                continue
+            with console.status(f"importing {obj.key} ...", spinner="dots"):
+                record = runner.import_file(name, Path(source.location) / obj.key)
+            console.print(f"{name}: import {record.import_id}: {_outcome_line(record)}")
+            records.append(record)
+    con = _analytics(workspace)
+    console.print(_table("audiences", con.execute(
+        "SELECT name, feed, member_count, updated_at FROM audiences ORDER BY feed, name")))
+    ids = [r.import_id for r in records]
+    console.print(_table("what changed in this demo", con.execute(
+        """SELECT audience_name, action, count(*) AS users FROM membership_events
+           WHERE list_contains(?, import_id) GROUP BY ALL ORDER BY ALL""", [ids])))
+    console.print(f"analyst views: duckdb -readonly {workspace.analytics}")
+
+
+@main.command()
+@config_option
+def audiences(config: str | None) -> None:
+    """List the audiences with their member counts."""
+    con = _analytics(_workspace(config))
+    console.print(_table("audiences", con.execute(
+        "SELECT audience_id, name, feed, status, member_count, created_at, updated_at "
+        "FROM audiences ORDER BY feed, name")))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--as-of", "as_of", default=None, help="An instant (ISO 8601, UTC if no offset).")
+@click.option("--limit", default=100, show_default=True, help="At most this many user ids.")
+@config_option
+def members(name: str, as_of: str | None, limit: int, config: str | None) -> None:
+    """Print the user ids of audience NAME, now or as of a past instant."""
+    con = _analytics(_workspace(config))
+    if as_of:
+        try:
+            ts = datetime.fromisoformat(as_of)
+        except ValueError:
+            raise CliError(f"--as-of {as_of!r} is not an ISO 8601 timestamp") from None
+        cur = con.execute("SELECT user_id FROM members_as_of(?, ?) ORDER BY user_id LIMIT ?", [name, ts, limit])
+    else:
+        cur = con.execute("SELECT user_id FROM members WHERE audience_name = ? ORDER BY user_id LIMIT ?",
+                          [name, limit])
+    rows = cur.fetchall()
+    for (user_id,) in rows:
+        console.print(user_id, highlight=False, markup=False)
+    if not rows:
+        err.print(f"no members for {name!r}" + (f" as of {as_of}" if as_of else ""))
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+@config_option
+def activity(limit: int, config: str | None) -> None:
+    """The activity log: the latest imports with their outcome and counts."""
+    con = _analytics(_workspace(config))
+    console.print(_table("imports", con.execute(
+        """SELECT import_id, feed, file_name, status, rows_total AS rows, rows_rejected AS rejected,
+                  unmatched, qualified, disqualified, finished_at, error
+           FROM imports ORDER BY import_id DESC LIMIT ?""", [limit])))
+
+
+@main.command()
+@click.argument("import_id", type=int)
+@click.option("--limit", default=100, show_default=True)
+@config_option
+def rejects(import_id: int, limit: int, config: str | None) -> None:
+    """The rejected rows of import IMPORT_ID, with line number and reason."""
+    con = _analytics(_workspace(config))
+    console.print(_table(f"rejected rows of import {import_id}", con.execute(
+        "SELECT line_number, reason, raw FROM rejected_rows WHERE import_id = ? ORDER BY line_number LIMIT ?",
+        [import_id, limit])))
+
+
+@main.command()
+@click.option("--replace", is_flag=True, help="Rewrite the file (no analyst may have it open).")
+@config_option
+def views(replace: bool, config: str | None) -> None:
+    """Write the analysts' DuckDB views file (storage.analytics) if it is missing."""
+    from audience_pipeline.workspace_setup import prepare
+
+    workspace = _workspace(config)
+    try:
+        written = prepare(workspace, replace_views=replace)
+    except duckdb.IOException as exc:
+        raise CliError(f"{workspace.analytics} is in use: {str(exc).splitlines()[0]}") from None
+    console.print(f"{'wrote' if written else 'kept'} {workspace.analytics}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Workspace configuration: one YAML file that names the storage locations, the users registry and the feeds.
+
+Relative paths resolve against the folder of the YAML file, so a workspace can be moved or opened from any
+working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV_VAR = "AUDIENCE_PIPELINE_CONFIG"
+DEFAULT_CONFIG_NAME = "feeds.yaml"
+FEED_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing or invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Strict):
+    lake: str = "data/lake"
+    catalog: str = "data/catalog.duckdb"
+    analytics: str = "data/analytics.duckdb"
+    # Member-list versions closed longer ago than this are deleted; the activity log and events are kept.
+    retention_days: float = Field(default=30.0, gt=0)
+    # How long a run waits for another run's brief hold on the catalog file before giving up.
+    lock_timeout_seconds: float = Field(default=300.0, gt=0)
+    # DuckDB memory cap for the set operations of one import; DuckDB spills to disk beyond it.
+    memory_limit: str = "1GB"
+
+
+class UsersConfig(_Strict):
+    path: str | None = None
+    user_id_column: str = "user_id"
+
+
+class IdentifierRules(_Strict):
+    min_length: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, ge=1)
+    # Optional extra rule, a regular expression the whole identifier must match (DuckDB/RE2 syntax).
+    pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _lengths(self) -> IdentifierRules:
+        if self.min_length > self.max_length:
+            raise ValueError("min_length is greater than max_length")
+        return self
+
+
+class FeedConfig(_Strict):
+    format: Literal["repro"]
+    source: str
+    # Which users-registry column the file's identifiers are looked up in; "user_id" means the IDs are user ids.
+    identifier: str = "user_id"
+    poll_interval_seconds: int = Field(default=600, ge=30)
+    max_file_bytes: int = Field(default=500 * 1024 * 1024, gt=0)
+    max_reject_ratio: float = Field(default=0.05, ge=0, le=1)
+    ids: IdentifierRules = IdentifierRules()
+    # Objects whose arrival time is within this many seconds of the sensor's high-water mark are compared
+    # by name and version, so files landing in the same second as the last tick are never missed.
+    cursor_lookback_seconds: float = Field(default=2.0, ge=0)
+    max_runs_per_tick: int = Field(default=200, ge=1)
+
+
+class WorkspaceConfig(_Strict):
+    storage: StorageConfig = StorageConfig()
+    users: UsersConfig = UsersConfig()
+    feeds: dict[str, FeedConfig]
+
+    @field_validator("feeds")
+    @classmethod
+    def _feed_names(cls, feeds: dict[str, FeedConfig]) -> dict[str, FeedConfig]:
+        if not feeds:
+            raise ValueError("at least one feed is required")
+        for name in feeds:
+            if not FEED_NAME_PATTERN.match(name):
+                raise ValueError(
+                    f"feed name {name!r} must be lower-case letters, digits and '_', starting with a letter"
+                )
+        return feeds
+
+
+class Workspace:
+    """A loaded configuration plus the folder its relative paths resolve against."""
+
+    def __init__(self, config: WorkspaceConfig, path: Path):
+        self.config = config
+        self.path = path.resolve()
+        self.root = self.path.parent
+
+    def resolve(self, value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    @property
+    def lake(self) -> Path:
+        return self.resolve(self.config.storage.lake)
+
+    @property
+    def catalog(self) -> Path:
+        return self.resolve(self.config.storage.catalog)
+
+    @property
+    def analytics(self) -> Path:
+        return self.resolve(self.config.storage.analytics)
+
+    @property
+    def users_path(self) -> Path | None:
+        return self.resolve(self.config.users.path) if self.config.users.path else None
+
+    def feed(self, name: str) -> FeedConfig:
+        try:
+            return self.config.feeds[name]
+        except KeyError:
+            known = ", ".join(sorted(self.config.feeds))
+            raise ConfigError(f"{self.path}: no feed named {name!r} (feeds: {known})") from None
+
+    def source_location(self, feed: str) -> str:
+        """The feed's source as an absolute location: a folder path, or a URI for remote sources."""
+        source = self.feed(feed).source
+        if "://" in source and not source.startswith("file://"):
+            return source
+        return str(self.resolve(source.removeprefix("file://")))
+
+
+def config_path(explicit: str | os.PathLike | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV_VAR):
+        return Path(os.environ[CONFIG_ENV_VAR])
+    return Path.cwd() / DEFAULT_CONFIG_NAME
+
+
+def load_workspace(explicit: str | os.PathLike | None = None) -> Workspace:
+    path = config_path(explicit)
+    if not path.is_file():
+        raise ConfigError(
+            f"configuration file {path} not found (pass --config, set {CONFIG_ENV_VAR}, "
+            f"or run 'audience-pipeline init DIR')"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        config = WorkspaceConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    return Workspace(config, path)

@@ -1,0 +1,21 @@
+import dagster as dg
+
+from audience_pipeline.config import Workspace, load_workspace
+from audience_pipeline.defs.assets import (
+    audience_import_job,
+    membership_diff,
+    raw_audience_file,
+    validated_audience_file,
+)
+from audience_pipeline.defs.resources import AudienceWorkspace
+from audience_pipeline.defs.sensors import build_feed_sensor
+
+
+def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
+    workspace = workspace or load_workspace()
+    return dg.Definitions(
+        assets=[raw_audience_file, validated_audience_file, membership_diff],
+        jobs=[audience_import_job],
+        sensors=[build_feed_sensor(name, feed) for name, feed in sorted(workspace.config.feeds.items())],
+        resources={"audience_workspace": AudienceWorkspace(config_path=str(workspace.path))},
+    )

@@ -1,0 +1,148 @@
+import dagster as dg
+
+from audience_pipeline.defs.resources import AudienceWorkspace
+from audience_pipeline.importer import ImportFailed, ImportService
+from audience_pipeline.storage.catalog import ImportRecord
+
+audience_files = dg.DynamicPartitionsDefinition(name="audience_files")
+
+TAG_DELIVERY = "audience_pipeline/delivery"
+TAG_SOURCE_URI = "audience_pipeline/source_uri"
+
+
+def _delivery(context: dg.AssetExecutionContext) -> str | None:
+    return context.run.tags.get(TAG_DELIVERY)
+
+
+def _record(context: dg.AssetExecutionContext, service: ImportService) -> ImportRecord:
+    try:
+        return service.record_for(context.partition_key, _delivery(context))
+    except LookupError as exc:
+        raise dg.Failure(description=str(exc)) from None
+
+
+def _failure(record: ImportRecord) -> dg.Failure:
+    return dg.Failure(
+        description=f"import {record.import_id} failed: {record.error}",
+        metadata={"import_id": record.import_id, "status": record.status, "error": record.error or ""},
+    )
+
+
+def _counts(record: ImportRecord) -> dict:
+    return {
+        "import_id": record.import_id,
+        "status": record.status,
+        "rows": record.rows_total or 0,
+        "valid": record.rows_valid or 0,
+        "rejected": record.rows_rejected or 0,
+        "duplicates": record.duplicates or 0,
+        "unmatched": record.unmatched or 0,
+        "qualified": record.qualified or 0,
+        "disqualified": record.disqualified or 0,
+        "members": record.members or 0,
+    }
+
+
+@dg.asset(partitions_def=audience_files, group_name="audience_import", kinds={"parquet"})
+def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: AudienceWorkspace):
+    """The delivered file exactly as it landed, copied into the immutable, content-addressed raw archive.
+
+    One partition per imported file version (`<feed>:<file name>:<8 hex of sha256>`). A run started by
+    a sensor or `audience-pipeline import` carries the delivery in its tags; a manual re-materialization
+    re-reports the partition's latest import and changes nothing.
+    """
+    service = audience_workspace.service()
+    delivery, uri = _delivery(context), context.run.tags.get(TAG_SOURCE_URI)
+    try:
+        if delivery and uri:
+            record = service.receive(context.partition_key, delivery, uri, context.run_id)
+        else:
+            record = _record(context, service)
+    except ImportFailed as exc:
+        raise _failure(exc.record) from None
+    if record.status == "failed":
+        raise _failure(record)
+    return dg.MaterializeResult(
+        metadata={
+            "import_id": record.import_id,
+            "source_uri": record.source_uri or "",
+            "file_name": record.file_name or "",
+            "size_bytes": record.size_bytes or 0,
+            "sha256": record.sha256 or "",
+            "raw_path": dg.MetadataValue.path(str(service.lake.raw_path(record.sha256))),
+            "delivery": record.delivery,
+        }
+    )
+
+
+@dg.asset(partitions_def=audience_files, group_name="audience_import", deps=[raw_audience_file],
+          kinds={"duckdb", "pandera", "parquet"})
+def validated_audience_file(context: dg.AssetExecutionContext, audience_workspace: AudienceWorkspace):
+    """The file parsed into canonical rows (Parquet, with a pandera contract) plus its rejected rows.
+
+    Rows are checked in DuckDB: identifier length and characters, the format's own rules, and resolution
+    through the users registry (unregistered users are `unmatched`). A file whose share of rejected rows is
+    over the feed's `max_reject_ratio`, or that is empty, binary, not UTF-8 or too large, fails the import
+    with the reason; it changes no audience.
+    """
+    service = audience_workspace.service()
+    record = _record(context, service)
+    if record.status == "failed":
+        raise _failure(record)
+    if record.finished:
+        return dg.MaterializeResult(metadata={**_counts(record), "rerun": True})
+    if service.catalog.is_applied(record, service.users_sha256()):
+        return dg.MaterializeResult(
+            metadata={"import_id": record.import_id, "status": "identical to the applied list; not parsed"}
+        )
+    try:
+        summary = service.validate(record)
+    except ImportFailed as exc:
+        raise _failure(exc.record) from None
+    return dg.MaterializeResult(
+        metadata={
+            "import_id": record.import_id,
+            "rows": summary.rows_total,
+            "valid": summary.rows_valid,
+            "rejected": summary.rows_rejected,
+            "duplicates": summary.duplicates,
+            "unmatched": summary.unmatched,
+            "audiences": ", ".join(summary.audiences),
+            "rows_path": dg.MetadataValue.path(str(service.lake.validated_rows(record.import_id))),
+            "users_sha256": summary.users_sha256 or "",
+        }
+    )
+
+
+@dg.asset(partitions_def=audience_files, group_name="audience_import", deps=[validated_audience_file],
+          kinds={"duckdb", "parquet"})
+def membership_diff(context: dg.AssetExecutionContext, audience_workspace: AudienceWorkspace):
+    """For every audience the file names: the new member list and the qualify/disqualify sets.
+
+    Computed in DuckDB against the audience's current list and committed atomically for all of them: the
+    catalog transaction plus the re-published snapshot that analysts read. An import whose content equals
+    the list currently applied is `skipped`; a re-run of a finished import only re-reports it.
+    """
+    service = audience_workspace.service()
+    record = _record(context, service)
+    if record.status == "failed":
+        raise _failure(record)
+    try:
+        final = service.apply(record)
+    except ImportFailed as exc:
+        raise _failure(exc.record) from None
+    context.log.info(
+        f"import {final.import_id} {final.status}: +{final.qualified or 0} -{final.disqualified or 0}, "
+        f"{final.members or 0} members"
+    )
+    return dg.MaterializeResult(metadata={**_counts(final), "rerun": record.finished})
+
+
+audience_import_job = dg.define_asset_job(
+    name="audience_import_job",
+    description="Import one delivered audience file: raw archive, validation, diff and commit.",
+    selection=[raw_audience_file, validated_audience_file, membership_diff],
+    partitions_def=audience_files,
+    # One import is one short chain of DuckDB steps; separate step processes would only add start-up time.
+    executor_def=dg.in_process_executor,
+)

@@ -1,0 +1,32 @@
+"""DuckDB connections for the heavy, per-import work (never the catalog or the analyst file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+
+
+def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that spills to ``temp_dir`` beyond ``memory_limit``.
+
+    Insertion order is not needed by the set operations, and dropping it lets DuckDB stream more and
+    hold less (the line-numbering read keeps its own order).
+    """
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(":memory:")
+    con.execute("SET memory_limit = ?", [memory_limit])
+    con.execute("SET temp_directory = ?", [str(temp_dir)])
+    con.execute("SET threads = ?", [max(1, os.cpu_count() or 1)])
+    return con
+
+
+def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, params: list, dest: Path) -> None:
+    """Write a query's result to ``dest`` atomically: a reader sees the old file or the whole new one."""
+    from audience_pipeline.sql import quote_literal
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    con.execute(f"COPY ({query}) TO {quote_literal(tmp)} (FORMAT parquet, COMPRESSION zstd)", params)
+    os.replace(tmp, dest)

@@ -1,0 +1,63 @@
+"""Repro audience import files (seed 000): one user ID per line, no header, UTF-8, ``.csv``.
+
+The file name without ``.csv`` is the audience name, and each file is the complete list of its audience,
+so it replaces the list currently applied. Leading and trailing spaces and tabs around an ID are trimmed;
+a comma means a second column, which an ID file cannot have.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from audience_pipeline.formats.lines import NUMBERED_LINES, REPLACEMENT_CHARACTER, write_numbered_lines
+from audience_pipeline.model import REJECT_BLANK, REJECT_CONTROL, REJECT_ENCODING, REJECT_SEPARATOR, Semantics
+
+NAME = "repro"
+SUFFIX = ".csv"
+
+
+def accepts(file_name: str) -> bool:
+    return file_name.lower().endswith(SUFFIX) and len(file_name) > len(SUFFIX)
+
+
+def audience_name(file_name: str) -> str:
+    return file_name[: -len(SUFFIX)] if accepts(file_name) else file_name
+
+
+def semantics(feed) -> Semantics:
+    return Semantics.REPLACE
+
+
+def parse_query(raw_path: Path, file_name: str, feed, work_dir: Path) -> tuple[str, dict]:
+    sql = f"""
+        WITH lines AS ({NUMBERED_LINES}),
+        trimmed AS (
+            SELECT source_line, line, overflow, trim(coalesce(line, ''), ' \t') AS value FROM lines
+        )
+        SELECT
+            source_line,
+            line AS raw,
+            $repro_audience::VARCHAR AS audience_key,
+            $repro_identifier_type::VARCHAR AS identifier_type,
+            value AS identifier,
+            'add' AS action,
+            NULL::TIMESTAMPTZ AS expires_at,
+            NULL::VARCHAR AS data_bag,
+            CASE
+                WHEN overflow IS NOT NULL THEN $repro_control
+                WHEN contains(value, $repro_replacement) THEN $repro_encoding
+                WHEN value = '' THEN $repro_blank
+                WHEN contains(value, ',') THEN $repro_separator
+            END AS reject_reason
+        FROM trimmed
+    """
+    params = write_numbered_lines(raw_path, work_dir / "lines.parquet") | {
+        "repro_replacement": REPLACEMENT_CHARACTER,
+        "repro_encoding": REJECT_ENCODING,
+        "repro_audience": audience_name(file_name),
+        "repro_identifier_type": feed.identifier,
+        "repro_control": REJECT_CONTROL,
+        "repro_blank": REJECT_BLANK,
+        "repro_separator": REJECT_SEPARATOR,
+    }
+    return sql, params

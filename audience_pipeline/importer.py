@@ -1,0 +1,206 @@
+"""One import, step by step: receive (raw archive) -> validate -> diff and commit, or skip or fail.
+
+Every step is idempotent per (partition key, delivery): a re-run of a finished import re-reports its
+outcome and changes nothing; a re-run after a crash redoes the unfinished steps and converges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from audience_pipeline.config import Workspace
+from audience_pipeline.diff import compute_diff
+from audience_pipeline.duck import work_connection
+from audience_pipeline.formats import FileRejected, get_format
+from audience_pipeline.keys import parse_partition_key
+from audience_pipeline.model import ImportStatus, Semantics
+from audience_pipeline.sources import SourceError, source_for_uri
+from audience_pipeline.storage.catalog import Catalog, ImportRecord, Outcome
+from audience_pipeline.storage.lake import Lake
+from audience_pipeline.users import RegistryError, UsersRegistry
+from audience_pipeline.validate import ValidationResult, validate_file
+
+COMMIT_ATTEMPTS = 5
+
+
+class ImportFailed(Exception):
+    """The import ended ``failed``; the message is the reason recorded in the activity log."""
+
+    def __init__(self, record: ImportRecord):
+        super().__init__(record.error or "import failed")
+        self.record = record
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What validation found, kept beside the validated rows so a later step (or process) can use it."""
+
+    rows_total: int
+    rows_valid: int
+    rows_rejected: int
+    unmatched: int
+    duplicates: int
+    audiences: tuple[str, ...]
+    users_sha256: str | None
+
+
+class ImportService:
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        storage = workspace.config.storage
+        self.lake = Lake(workspace.lake)
+        self.catalog = Catalog(workspace.catalog, self.lake, storage.lock_timeout_seconds)
+        users = workspace.config.users
+        self.users = UsersRegistry(workspace.users_path, users.user_id_column) if workspace.users_path else None
+        self.lake.ensure()
+
+    # -- step 1: raw file ---------------------------------------------------------------------------
+    def receive(self, partition_key: str, delivery: str, source_uri: str, run_id: str | None) -> ImportRecord:
+        """Copy the delivered object into the content-addressed raw archive and open its import."""
+        existing = self.catalog.find_import(partition_key, delivery)
+        if existing is not None:
+            return existing
+        feed_name, _, digest = parse_partition_key(partition_key)
+        feed = self.workspace.feed(feed_name)
+        received_at = datetime.now(UTC)
+        staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        source, key = source_for_uri(source_uri)
+        digest_obj = hashlib.sha256()
+        size = 0
+        over_limit = False
+        try:
+            with source.open(key) as (stream, obj), open(staged, "wb") as out:
+                file_name = obj.name
+                while chunk := stream.read(1 << 20):
+                    size += len(chunk)
+                    if size > feed.max_file_bytes:
+                        over_limit = True
+                        break
+                    digest_obj.update(chunk)
+                    out.write(chunk)
+        except SourceError:
+            staged.unlink(missing_ok=True)
+            raise
+        sha256 = digest_obj.hexdigest()
+        fmt = get_format(feed.format)
+        record = self.catalog.begin_import(
+            partition_key=partition_key, delivery=delivery, feed=feed_name, source_uri=source_uri,
+            file_name=file_name, sha256=None if over_limit else sha256, size_bytes=size,
+            semantics=fmt.semantics(feed).value, run_id=run_id, received_at=received_at,
+        )
+        if over_limit:
+            staged.unlink(missing_ok=True)
+            return self._fail(record, f"{file_name}: over the feed's limit of {feed.max_file_bytes} bytes")
+        archived = self.lake.raw_path(sha256)
+        if archived.exists():
+            staged.unlink()
+        else:
+            archived.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, archived)
+        if not sha256.startswith(digest):
+            return self._fail(
+                record,
+                f"{file_name}: content changed after it was listed (sha256 {sha256[:8]}, expected {digest}); "
+                "the new content is a new version and will be imported on its own",
+            )
+        return record
+
+    def record_for(self, partition_key: str, delivery: str | None) -> ImportRecord:
+        """The import a step works on: this delivery's, or for a manual re-materialization the latest."""
+        record = (self.catalog.find_import(partition_key, delivery) if delivery
+                  else self.catalog.latest_import(partition_key))
+        if record is None:
+            raise LookupError(
+                f"partition {partition_key!r} has no received import"
+                + (f" for delivery {delivery!r}" if delivery else "")
+                + "; files are imported by the feed's sensor or 'audience-pipeline import'"
+            )
+        return record
+
+    # -- step 2: validated file ---------------------------------------------------------------------
+    def _summary_path(self, import_id: int) -> Path:
+        return self.lake.validated_rows(import_id).with_name("summary.json")
+
+    def users_sha256(self) -> str | None:
+        return self.users.sha256() if self.users else None
+
+    def validate(self, record: ImportRecord) -> Summary:
+        """Parse and validate the archived file; on a whole-file problem the import ends ``failed``."""
+        summary_path = self._summary_path(record.import_id)
+        if summary_path.exists():
+            data = json.loads(summary_path.read_text())
+            data["audiences"] = tuple(data["audiences"])
+            return Summary(**data)
+        feed = self.workspace.feed(record.feed)
+        work = self.lake.staging(f"work_{record.import_id}")
+        con = work_connection(work, self.workspace.config.storage.memory_limit)
+        try:
+            users_sha = self.users_sha256()
+            result: ValidationResult = validate_file(
+                con, self.lake.raw_path(record.sha256), record.file_name, feed, self.users,
+                self.lake.validated_rows(record.import_id), self.lake.rejected(record.import_id), work,
+            )
+        except (FileRejected, RegistryError) as exc:
+            self._fail(record, str(exc))
+        finally:
+            con.close()
+            shutil.rmtree(work, ignore_errors=True)
+        summary = Summary(result.rows_total, result.rows_valid, result.rows_rejected, result.unmatched,
+                          result.duplicates, result.audiences, users_sha)
+        tmp = summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(summary)))
+        os.replace(tmp, summary_path)
+        return summary
+
+    def _fail(self, record: ImportRecord, reason: str) -> ImportRecord:
+        failed = self.catalog.finish_import(record.import_id, ImportStatus.FAILED, Outcome(), error=reason)
+        raise ImportFailed(failed)
+
+    # -- step 3: membership snapshot and diff -------------------------------------------------------
+    def skip_if_applied(self, record: ImportRecord) -> ImportRecord | None:
+        return self.catalog.skip_if_applied(record, self.users_sha256())
+
+    def apply(self, record: ImportRecord) -> ImportRecord:
+        """Diff the validated rows against the current lists and commit every audience at once."""
+        if record.finished:
+            self.catalog.publish()
+            return record
+        skipped = self.skip_if_applied(record)
+        if skipped is not None:
+            return skipped
+        summary = self.validate(record)
+        feed = self.workspace.feed(record.feed)
+        semantics = Semantics(get_format(feed.format).semantics(feed))
+        audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
+        work = self.lake.staging(f"work_{record.import_id}")
+        con = work_connection(work, self.workspace.config.storage.memory_limit)
+        try:
+            for _ in range(COMMIT_ATTEMPTS):
+                current = self.catalog.current_versions(list(audience_ids.values()))
+                diff = compute_diff(con, self.lake, record.import_id, semantics,
+                                    self.lake.validated_rows(record.import_id), audience_ids, current,
+                                    record.received_at)
+                outcome = Outcome(
+                    rows_total=summary.rows_total, rows_valid=summary.rows_valid,
+                    rows_rejected=summary.rows_rejected, duplicates=summary.duplicates,
+                    unmatched=summary.unmatched, qualified=diff.qualified, disqualified=diff.disqualified,
+                    members=diff.members, audiences=summary.audiences, users_sha256=summary.users_sha256,
+                )
+                expected = {a: (current[a].version if a in current else None) for a in audience_ids.values()}
+                if self.catalog.commit_versions(record, expected, diff.versions, outcome):
+                    break
+            else:
+                self._fail(record, f"another import kept changing these audiences; gave up after "
+                                   f"{COMMIT_ATTEMPTS} attempts")
+        finally:
+            con.close()
+            shutil.rmtree(work, ignore_errors=True)
+        self.catalog.prune_versions(timedelta(days=self.workspace.config.storage.retention_days))
+        return self.catalog.get_import(record.import_id)

@@ -1,0 +1,84 @@
+"""Running imports and sensor evaluations in this process, against the workspace's Dagster instance,
+so that CLI runs appear in the Dagster UI beside the daemon's."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from audience_pipeline.config import Workspace
+from audience_pipeline.defs import build_definitions
+from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_SOURCE_URI, audience_files
+from audience_pipeline.hashing import sha256_file
+from audience_pipeline.importer import ImportService
+from audience_pipeline.keys import partition_key
+from audience_pipeline.storage.catalog import ImportRecord
+
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def instance_for(workspace: Workspace) -> dg.DagsterInstance:
+    """DAGSTER_HOME when set, else the workspace folder (where `init` writes dagster.yaml).
+
+    The workspace's dagster.yaml keeps instance storage under data/ with relative paths, which Dagster
+    resolves against the working directory, so the process works from the workspace folder.
+    """
+    os.environ.setdefault("DAGSTER_HOME", str(workspace.root))
+    os.chdir(workspace.root)
+    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.get()
+
+
+@dataclass
+class Runner:
+    workspace: Workspace
+    instance: dg.DagsterInstance
+    quiet: bool = True
+
+    def __post_init__(self) -> None:
+        self.defs = build_definitions(self.workspace)
+        self.service = ImportService(self.workspace)
+
+    def run(self, pkey: str, delivery: str, source_uri: str) -> ImportRecord:
+        self.instance.add_dynamic_partitions(audience_files.name, [pkey])
+        job = self.defs.resolve_job_def("audience_import_job")
+        job.execute_in_process(
+            partition_key=pkey,
+            instance=self.instance,
+            tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: source_uri},
+            run_config=QUIET_RUN_CONFIG if self.quiet else None,
+            raise_on_error=False,
+        )
+        record = self.service.catalog.find_import(pkey, delivery)
+        if record is None:
+            raise RuntimeError(f"the run for {pkey} ended before its import was recorded (see the Dagster UI)")
+        return record
+
+    def import_file(self, feed: str, path: Path) -> ImportRecord:
+        """A delivery by hand: always a new delivery, so identical content is reported as skipped."""
+        self.workspace.feed(feed)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        pkey = partition_key(feed, path.name, sha256_file(path))
+        return self.run(pkey, f"cli:{uuid.uuid4().hex}", path.resolve().as_uri())
+
+    def poll(self, feed: str) -> list[ImportRecord]:
+        """One evaluation of the feed's sensor, and the runs it asks for. The cursor is the one this
+        command keeps in the catalog; deliveries are identified by file version, so a daemon that also
+        polls the same folder re-reports rather than re-applies what this imported."""
+        sensor = self.defs.resolve_sensor_def(f"{feed}_audience_sensor")
+        cursor = self.service.catalog.get_cursor(feed)
+        context = dg.build_sensor_context(instance=self.instance, cursor=cursor, definitions=self.defs)
+        result = sensor(context)
+        records = []
+        if isinstance(result, dg.SensorResult):
+            for request in result.run_requests or []:
+                records.append(self.run(request.partition_key, request.tags[TAG_DELIVERY],
+                                        request.tags[TAG_SOURCE_URI]))
+            if result.cursor is not None:
+                self.service.catalog.set_cursor(feed, result.cursor)
+        return records

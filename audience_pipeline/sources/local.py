@@ -1,0 +1,71 @@
+"""A local (or mounted) drop folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from audience_pipeline.sources.base import SourceError, SourceObject
+
+
+class LocalDropSource:
+    """Files directly in one folder and its sub-folders; hidden files (``.name``) are partial uploads.
+
+    A file's arrival time is the later of its mtime and ctime: a file moved in with ``mv`` or copied
+    with ``cp -p`` keeps an old mtime, but its ctime is the moment it appeared, so it is not missed.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.root = Path(folder)
+        self.location = str(self.root)
+
+    def _object(self, path: Path, st: os.stat_result) -> SourceObject:
+        key = path.relative_to(self.root).as_posix()
+        return SourceObject(
+            key=key,
+            size=st.st_size,
+            arrived_ns=max(st.st_mtime_ns, st.st_ctime_ns),
+            version=f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}",
+            uri=path.resolve().as_uri(),
+        )
+
+    def list(self) -> Iterator[SourceObject]:
+        if not self.root.is_dir():
+            raise SourceError(f"drop folder {self.root} does not exist")
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                yield self._object(path, st)
+
+    def stat(self, key: str) -> SourceObject:
+        path = self._path(key)
+        try:
+            return self._object(path, path.stat())
+        except FileNotFoundError:
+            raise SourceError(f"{path} no longer exists") from None
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise SourceError(f"key {key!r} points outside the drop folder {self.root}")
+        return path
+
+    @contextmanager
+    def open(self, key: str) -> Iterator[tuple[BinaryIO, SourceObject]]:
+        path = self._path(key)
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise SourceError(f"{path} no longer exists") from None
+        with fh:
+            yield fh, self._object(path, os.fstat(fh.fileno()))

@@ -1,0 +1,179 @@
+"""Raw file -> validated file: canonical rows in Parquet, rejected rows with line and reason, counts.
+
+Everything row-level runs inside DuckDB; Python only sees counts and the first few rejects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from audience_pipeline.config import FeedConfig
+from audience_pipeline.duck import copy_to_parquet
+from audience_pipeline.formats import FileRejected, get_format
+from audience_pipeline.model import (
+    NOT_COUNTED_REJECTS,
+    REJECT_CONTROL,
+    REJECT_PATTERN,
+    REJECT_TOO_LONG,
+    REJECT_TOO_SHORT,
+    REJECT_UNMATCHED,
+    check_canonical_contract,
+)
+from audience_pipeline.users import UsersRegistry
+
+SNIFF_BYTES = 64 * 1024
+CONTROL_CHARACTERS = r"[\x00-\x08\x0B-\x1F\x7F]"
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    rows_path: Path
+    rejected_path: Path
+    rows_total: int
+    rows_valid: int
+    rows_rejected: int
+    unmatched: int
+    duplicates: int
+    audiences: tuple[str, ...]
+
+
+def precheck(raw_path: Path, file_name: str, feed: FeedConfig) -> None:
+    """Whole-file refusals that need no parsing: empty, too large, binary."""
+    size = raw_path.stat().st_size
+    if size == 0:
+        raise FileRejected(f"{file_name}: empty file")
+    if size > feed.max_file_bytes:
+        raise FileRejected(f"{file_name}: {size} bytes is over the feed's limit of {feed.max_file_bytes} bytes")
+    with open(raw_path, "rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        line = head.count(b"\n", 0, nul) + 1
+        raise FileRejected(f"{file_name}: binary content (NUL byte at line {line}), not a text file")
+
+
+def _parse_error(file_name: str, exc: duckdb.Error) -> FileRejected:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return FileRejected(f"{file_name}: cannot be read: {first}")
+
+
+def validate_file(
+    con: duckdb.DuckDBPyConnection,
+    raw_path: Path,
+    file_name: str,
+    feed: FeedConfig,
+    users: UsersRegistry | None,
+    rows_path: Path,
+    rejected_path: Path,
+    work_dir: Path,
+) -> ValidationResult:
+    precheck(raw_path, file_name, feed)
+    fmt = get_format(feed.format)
+    try:
+        parse_sql, parse_params = fmt.parse_query(raw_path, file_name, feed, work_dir)
+    except pl.exceptions.PolarsError as exc:
+        raise FileRejected(f"{file_name}: cannot be read as text: {str(exc).splitlines()[0]}") from exc
+
+    rules = feed.ids
+    checks_sql = f"""
+        SELECT p.*, coalesce(
+            p.reject_reason,
+            CASE
+                WHEN regexp_matches(p.identifier, $control_chars) THEN $r_control
+                WHEN length(p.identifier) < $min_length THEN $r_too_short
+                WHEN length(p.identifier) > $max_length THEN $r_too_long
+                WHEN $pattern::VARCHAR IS NOT NULL AND NOT regexp_full_match(p.identifier, $pattern::VARCHAR)
+                    THEN $r_pattern
+            END) AS reason
+        FROM ({parse_sql}) p
+    """
+    params = parse_params | {
+        "control_chars": CONTROL_CHARACTERS, "r_control": REJECT_CONTROL,
+        "min_length": rules.min_length, "r_too_short": REJECT_TOO_SHORT,
+        "max_length": rules.max_length, "r_too_long": REJECT_TOO_LONG,
+        "pattern": rules.pattern, "r_pattern": REJECT_PATTERN,
+    }
+    if users is not None:
+        lookup_sql, lookup_params = users.lookup_query(con, feed.identifier)
+        resolved_sql = f"""
+            SELECT c.*, u.user_id,
+                   coalesce(c.reason, CASE WHEN u.user_id IS NULL THEN $r_unmatched END) AS final_reason
+            FROM ({checks_sql}) c
+            LEFT JOIN ({lookup_sql}) u ON u.identifier = c.identifier AND c.reason IS NULL
+        """
+        params = params | lookup_params | {"r_unmatched": REJECT_UNMATCHED}
+    else:
+        resolved_sql = f"""
+            SELECT c.*, CASE WHEN c.reason IS NULL THEN c.identifier END AS user_id, c.reason AS final_reason
+            FROM ({checks_sql}) c
+        """
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE classified AS {resolved_sql}", params)
+    except duckdb.Error as exc:
+        raise _parse_error(file_name, exc) from exc
+
+    copy_to_parquet(
+        con,
+        """SELECT audience_key, identifier_type, identifier, user_id, action, expires_at, data_bag,
+                  source_line::BIGINT AS source_line
+           FROM classified WHERE final_reason IS NULL ORDER BY source_line""",
+        [],
+        rows_path,
+    )
+    copy_to_parquet(
+        con,
+        """SELECT source_line::BIGINT AS line_number, final_reason AS reason, raw
+           FROM classified WHERE final_reason IS NOT NULL ORDER BY source_line""",
+        [],
+        rejected_path,
+    )
+    total, valid, rejected, unmatched, counted, examined, duplicates = con.execute(
+        """
+        SELECT count(*),
+               count(*) FILTER (WHERE final_reason IS NULL),
+               count(*) FILTER (WHERE final_reason IS NOT NULL),
+               count(*) FILTER (WHERE final_reason = ?),
+               count(*) FILTER (WHERE final_reason IS NOT NULL AND NOT list_contains(?, final_reason)),
+               count(*) FILTER (WHERE final_reason IS NULL OR NOT list_contains(?, final_reason)),
+               count(*) FILTER (WHERE final_reason IS NULL)
+                 - count(DISTINCT (audience_key, user_id)) FILTER (WHERE final_reason IS NULL)
+        FROM classified
+        """,
+        [REJECT_UNMATCHED, list(NOT_COUNTED_REJECTS), list(NOT_COUNTED_REJECTS)],
+    ).fetchone()
+    audiences = tuple(
+        r[0] for r in con.execute(
+            "SELECT DISTINCT audience_key FROM classified WHERE final_reason IS NULL ORDER BY 1"
+        ).fetchall()
+    )
+    if examined and counted / examined > feed.max_reject_ratio:
+        examples = con.execute(
+            """SELECT source_line, final_reason FROM classified
+               WHERE final_reason IS NOT NULL AND NOT list_contains(?, final_reason)
+               ORDER BY source_line LIMIT 3""",
+            [list(NOT_COUNTED_REJECTS)],
+        ).fetchall()
+        shown = ", ".join(f"line {line}: {reason}" for line, reason in examples)
+        con.execute("DROP TABLE classified")
+        raise FileRejected(
+            f"{file_name}: {counted} of {examined} rows rejected ({counted / examined:.1%}), over the feed's "
+            f"max_reject_ratio of {feed.max_reject_ratio:.1%} ({shown})"
+        )
+    con.execute("DROP TABLE classified")
+    if total == 0 or (valid == 0 and rejected == total and unmatched == 0 and counted == 0):
+        raise FileRejected(f"{file_name}: no identifiers (only blank lines)")
+    check_canonical_contract(rows_path)
+    return ValidationResult(
+        rows_path=rows_path,
+        rejected_path=rejected_path,
+        rows_total=total,
+        rows_valid=valid,
+        rows_rejected=rejected,
+        unmatched=unmatched,
+        duplicates=duplicates,
+        audiences=audiences,
+    )

@@ -1,0 +1,42 @@
+"""Preparing a workspace's storage, and writing a fresh one (``audience-pipeline init``)."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from audience_pipeline.config import Workspace
+from audience_pipeline.storage.catalog import Catalog
+from audience_pipeline.storage.lake import Lake
+from audience_pipeline.storage.views import write_analytics
+
+
+def prepare(workspace: Workspace, replace_views: bool = False) -> bool:
+    """Create the lake, publish the catalog snapshot and write the analysts' views file if missing."""
+    lake = Lake(workspace.lake)
+    lake.ensure()
+    if not lake.snapshot.exists():
+        Catalog(workspace.catalog, lake, workspace.config.storage.lock_timeout_seconds).publish()
+    return write_analytics(workspace.analytics, lake, replace=replace_views)
+
+
+def init_workspace(target: Path) -> list[Path]:
+    """Copy the bundled template (config, instance config, drop folder with sample files) into ``target``."""
+    template = resources.files("audience_pipeline") / "template"
+    written: list[Path] = []
+    target.mkdir(parents=True, exist_ok=True)
+
+    def copy(node, dest: Path) -> None:
+        if node.is_dir():
+            dest.mkdir(exist_ok=True)
+            for child in node.iterdir():
+                copy(child, dest / child.name)
+        elif not dest.exists():
+            with resources.as_file(node) as src:
+                shutil.copyfile(src, dest)
+            written.append(dest)
+
+    for child in template.iterdir():
+        copy(child, target / child.name)
+    return written
