@@ -1,15 +1,13 @@
 # Everything a fresh machine needs: python3, pip and make. uv is bootstrapped with pip when missing.
 SHELL := /bin/bash
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+UV := python3 -m uv
 VENV := .venv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .PHONY: env demo test dev bench lint clean
 
-$(UV):
-	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
-
-env: $(UV)
+env:
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen --all-groups
 
 demo: env

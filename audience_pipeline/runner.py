@@ -12,6 +12,7 @@ import dagster as dg
 
 from audience_pipeline.config import Workspace
 from audience_pipeline.defs import build_definitions
+from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_SOURCE_URI, audience_files
 from audience_pipeline.hashing import sha256_file
 from audience_pipeline.importer import ImportService
@@ -31,6 +32,15 @@ def instance_for(workspace: Workspace) -> dg.DagsterInstance:
     os.chdir(workspace.root)
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
     return dg.DagsterInstance.get()
+
+
+def sensor_context(workspace: Workspace, instance: dg.DagsterInstance, defs: dg.Definitions,
+                   cursor: str | None) -> dg.SensorEvaluationContext:
+    """A context for evaluating a feed sensor outside the daemon, with the workspace resource bound."""
+    return dg.build_sensor_context(
+        instance=instance, cursor=cursor, definitions=defs,
+        resources={"audience_workspace": AudienceWorkspace(config_path=str(workspace.path))},
+    )
 
 
 @dataclass
@@ -72,7 +82,7 @@ class Runner:
         polls the same folder re-reports rather than re-applies what this imported."""
         sensor = self.defs.resolve_sensor_def(f"{feed}_audience_sensor")
         cursor = self.service.catalog.get_cursor(feed)
-        context = dg.build_sensor_context(instance=self.instance, cursor=cursor, definitions=self.defs)
+        context = sensor_context(self.workspace, self.instance, self.defs, cursor)
         result = sensor(context)
         records = []
         if isinstance(result, dg.SensorResult):

@@ -55,7 +55,7 @@ def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: Aud
     delivery, uri = _delivery(context), context.run.tags.get(TAG_SOURCE_URI)
     try:
         if delivery and uri:
-            record = service.receive(context.partition_key, delivery, uri, context.run_id)
+            record = service.receive(context.partition_key, delivery, uri, context.run.run_id)
         else:
             record = _record(context, service)
     except ImportFailed as exc:
@@ -142,7 +142,6 @@ audience_import_job = dg.define_asset_job(
     name="audience_import_job",
     description="Import one delivered audience file: raw archive, validation, diff and commit.",
     selection=[raw_audience_file, validated_audience_file, membership_diff],
-    partitions_def=audience_files,
     # One import is one short chain of DuckDB steps; separate step processes would only add start-up time.
     executor_def=dg.in_process_executor,
 )

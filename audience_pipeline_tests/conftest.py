@@ -1,0 +1,90 @@
+import os
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml
+
+from audience_pipeline.config import load_workspace
+from audience_pipeline.runner import Runner
+from audience_pipeline.workspace_setup import prepare
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class Env:
+    """A workspace in tmp_path with a real, persistent Dagster instance and the analysts' views."""
+
+    def __init__(self, root: Path, instance: dg.DagsterInstance, config: dict):
+        self.root = root
+        self.instance = instance
+        self.drop = root / "drop" / "repro"
+        self.drop.mkdir(parents=True, exist_ok=True)
+        (root / "feeds.yaml").write_text(yaml.safe_dump(config))
+        self.workspace = load_workspace(root / "feeds.yaml")
+        prepare(self.workspace)
+        self.runner = Runner(self.workspace, instance)
+
+    def drop_file(self, name: str, content: str | bytes) -> Path:
+        path = self.drop / name
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def import_file(self, name: str, content: str | bytes | None = None):
+        path = self.drop_file(name, content) if content is not None else self.drop / name
+        return self.runner.import_file("repro", path)
+
+    def query(self, sql: str, params=None) -> list[tuple]:
+        """Through the analysts' views, on a separate read-only connection, as an analyst would."""
+        con = duckdb.connect(str(self.workspace.analytics), read_only=True)
+        try:
+            return con.execute(sql, params or []).fetchall()
+        finally:
+            con.close()
+
+    def members(self, audience: str) -> set[str]:
+        return {r[0] for r in self.query("SELECT user_id FROM members WHERE audience_name = ?", [audience])}
+
+    def events(self, audience: str) -> list[tuple]:
+        return self.query(
+            "SELECT import_id, action, user_id FROM membership_events WHERE audience_name = ? ORDER BY ALL",
+            [audience],
+        )
+
+
+def base_config(**feed_overrides) -> dict:
+    feed = {"format": "repro", "source": "drop/repro", "max_reject_ratio": 0.5}
+    feed.update(feed_overrides)
+    return {
+        "storage": {"lake": "lake", "catalog": "catalog.duckdb", "analytics": "analytics.duckdb"},
+        "feeds": {"repro": feed},
+    }
+
+
+@pytest.fixture
+def dagster_instance(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def env(tmp_path, dagster_instance) -> Env:
+    return Env(tmp_path / "ws", dagster_instance, base_config())
+
+
+@pytest.fixture
+def make_env(tmp_path, dagster_instance):
+    def _make(config: dict, name: str = "ws") -> Env:
+        return Env(tmp_path / name, dagster_instance, config)
+
+    return _make
+
+
+@pytest.fixture(autouse=True)
+def _keep_cwd():
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
