@@ -12,8 +12,8 @@ import dagster as dg
 
 from audience_pipeline.config import Workspace
 from audience_pipeline.defs import build_definitions
-from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_SOURCE_URI, audience_files
+from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.hashing import sha256_file
 from audience_pipeline.importer import ImportService
 from audience_pipeline.keys import partition_key

@@ -17,7 +17,8 @@ def test_quote_identifier_round_trips_through_duckdb():
     con = duckdb.connect()
     for name in ["user_id", "e-mail", 'we"ird', "select"]:
         con.execute(f"CREATE OR REPLACE TABLE t ({quote_identifier(name)} INTEGER)")
-        assert con.execute("SELECT column_name FROM information_schema.columns WHERE table_name='t'").fetchone()[0] == name
+        columns = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 't'")
+        assert columns.fetchone()[0] == name
     with pytest.raises(ValueError):
         quote_identifier("")
 

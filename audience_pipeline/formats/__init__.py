@@ -5,9 +5,10 @@ A format module provides:
 - ``NAME``: the value of ``feeds.<feed>.format`` that selects it;
 - ``accepts(file_name) -> bool``: whether a landed object is a file of this format (others are ignored);
 - ``semantics(feed) -> Semantics``: how the parsed rows apply to the audiences they name;
-- ``parse_query(raw_path, file_name, feed, work_dir) -> (sql, params)``: one DuckDB SELECT producing the parsed rows
-  with the columns in ``PARSED_COLUMNS``; a row the format itself cannot use carries a ``reject_reason``.
-  It may write intermediate files into ``work_dir``. Its parameters are named (``$<format>_<name>``) so that queries can be nested without re-ordering.
+- ``parse_query(raw_path, file_name, feed, work_dir) -> (sql, params)``: one DuckDB SELECT producing the
+  parsed rows with the columns in ``PARSED_COLUMNS``; a row the format itself cannot use carries a
+  ``reject_reason``. It may write intermediate files into ``work_dir``. Its parameters are named
+  (``$<format>_<name>``) so that queries can be nested without re-ordering.
 
 Formats never touch storage or Dagster; the shared validator applies identifier rules, registry
 resolution and the reject policy to whatever they produce.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from audience_pipeline.sources.base import DropSource, SourceObject, SourceError
+from audience_pipeline.sources.base import DropSource, SourceError, SourceObject
 from audience_pipeline.sources.local import LocalDropSource
 
 
