@@ -22,7 +22,7 @@ def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnect
     return con
 
 
-def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, params: list, dest: Path) -> None:
+def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, params: list | dict, dest: Path) -> None:
     """Write a query's result to ``dest`` atomically: a reader sees the old file or the whole new one."""
     from audience_pipeline.sql import quote_literal
 

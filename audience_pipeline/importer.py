@@ -45,7 +45,6 @@ class Summary:
     rows_valid: int
     rows_rejected: int
     unmatched: int
-    duplicates: int
     audiences: tuple[str, ...]
     users_sha256: str | None
 
@@ -153,7 +152,7 @@ class ImportService:
             con.close()
             shutil.rmtree(work, ignore_errors=True)
         summary = Summary(result.rows_total, result.rows_valid, result.rows_rejected, result.unmatched,
-                          result.duplicates, result.audiences, users_sha)
+                          result.audiences, users_sha)
         tmp = summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(summary)))
         os.replace(tmp, summary_path)
@@ -189,7 +188,7 @@ class ImportService:
                                     record.received_at)
                 outcome = Outcome(
                     rows_total=summary.rows_total, rows_valid=summary.rows_valid,
-                    rows_rejected=summary.rows_rejected, duplicates=summary.duplicates,
+                    rows_rejected=summary.rows_rejected, duplicates=summary.rows_valid - diff.pairs,
                     unmatched=summary.unmatched, qualified=diff.qualified, disqualified=diff.disqualified,
                     members=diff.members, audiences=summary.audiences, users_sha256=summary.users_sha256,
                 )

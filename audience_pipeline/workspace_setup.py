@@ -16,7 +16,7 @@ def prepare(workspace: Workspace, replace_views: bool = False) -> bool:
     """Create the lake, publish the catalog snapshot and write the analysts' views file if missing."""
     lake = Lake(workspace.lake)
     lake.ensure()
-    if not lake.snapshot.exists():
+    if not any(lake.snapshot_dir(0).parent.glob("*/snapshot.parquet")):
         Catalog(workspace.catalog, lake, workspace.config.storage.lock_timeout_seconds).publish()
     return write_analytics(workspace.analytics, lake, replace=replace_views)
 

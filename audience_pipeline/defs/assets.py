@@ -105,7 +105,6 @@ def validated_audience_file(context: dg.AssetExecutionContext, audience_workspac
             "rows": summary.rows_total,
             "valid": summary.rows_valid,
             "rejected": summary.rows_rejected,
-            "duplicates": summary.duplicates,
             "unmatched": summary.unmatched,
             "audiences": ", ".join(summary.audiences),
             "rows_path": dg.MetadataValue.path(str(service.lake.validated_rows(record.import_id))),
