@@ -17,7 +17,8 @@ ANALYST = textwrap.dedent(
             seen.append(con.execute(
                 "SELECT (SELECT count(*) FROM members WHERE audience_name = 'live'),"
                 "       (SELECT coalesce(max(member_count), 0) FROM audiences WHERE name = 'live'),"
-                "       (SELECT count(*) FILTER (WHERE action = 'qualify') - count(*) FILTER (WHERE action = 'disqualify')"
+                "       (SELECT count(*) FILTER (WHERE action = 'qualify')"
+                "             - count(*) FILTER (WHERE action = 'disqualify')"
                 "        FROM membership_events WHERE audience_name = 'live')"
             ).fetchone())
         except Exception as exc:

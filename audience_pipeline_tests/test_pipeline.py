@@ -40,6 +40,7 @@ def test_identical_content_is_skipped_and_revert_applies(env):
     first = env.import_file("aud.csv", a)
     again = env.import_file("aud.csv", a)
     assert again.status == "skipped"
+    assert (again.qualified, again.disqualified, again.members) == (0, 0, 4)  # the UI plots no drop
     assert env.members("aud") == set(ids("a", 4))
     env.import_file("aud.csv", b)
     assert env.members("aud") == set(ids("b", 3))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -97,7 +96,8 @@ def main() -> None:
     floor_sql = FLOOR_SQL.format(new=new_csv, prev=prev_parquet, out=out)
     floor_script = out / "floor.sql"
     floor_script.write_text(floor_sql)
-    floor = measure([sys.executable, "-c", f"import duckdb; duckdb.connect().execute(open({str(floor_script)!r}).read())"])
+    floor_cmd = f"import duckdb; duckdb.connect().execute(open({str(floor_script)!r}).read())"
+    floor = measure([sys.executable, "-c", floor_cmd])
     first = measure(cli + [str(prev_csv)], env)
     churn = measure(cli + [str(new_csv)], env)
     again = measure(cli + [str(new_csv)], env)
