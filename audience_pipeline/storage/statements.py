@@ -1,0 +1,125 @@
+"""Named SQL statements of the catalog. Values are bound with ``?``."""
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS import_ids START 1;
+CREATE SEQUENCE IF NOT EXISTS audience_ids START 1;
+CREATE SEQUENCE IF NOT EXISTS snapshot_seq START 1;
+CREATE TABLE IF NOT EXISTS imports (
+    import_id      BIGINT PRIMARY KEY,
+    partition_key  VARCHAR NOT NULL,
+    delivery       VARCHAR NOT NULL,
+    feed           VARCHAR NOT NULL,
+    source_uri     VARCHAR,
+    file_name      VARCHAR,
+    sha256         VARCHAR,
+    size_bytes     BIGINT,
+    semantics      VARCHAR,
+    status         VARCHAR NOT NULL,
+    rows_total     BIGINT,
+    rows_valid     BIGINT,
+    rows_rejected  BIGINT,
+    duplicates     BIGINT,
+    unmatched      BIGINT,
+    qualified      BIGINT,
+    disqualified   BIGINT,
+    members        BIGINT,
+    audiences      VARCHAR[],
+    error          VARCHAR,
+    users_sha256   VARCHAR,
+    run_id         VARCHAR,
+    received_at    TIMESTAMPTZ NOT NULL,
+    finished_at    TIMESTAMPTZ,
+    UNIQUE (partition_key, delivery)
+);
+CREATE TABLE IF NOT EXISTS audiences (
+    audience_id  BIGINT PRIMARY KEY,
+    feed         VARCHAR NOT NULL,
+    name         VARCHAR NOT NULL,
+    status       VARCHAR NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    UNIQUE (feed, name)
+);
+CREATE TABLE IF NOT EXISTS audience_versions (
+    audience_id    BIGINT NOT NULL,
+    version        BIGINT NOT NULL,
+    import_id      BIGINT NOT NULL,
+    sha256         VARCHAR NOT NULL,
+    users_sha256   VARCHAR,
+    member_count   BIGINT NOT NULL,
+    qualified      BIGINT NOT NULL,
+    disqualified   BIGINT NOT NULL,
+    valid_from     TIMESTAMPTZ NOT NULL,
+    valid_to       TIMESTAMPTZ,
+    files_deleted  BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (audience_id, version)
+);
+CREATE TABLE IF NOT EXISTS poll_cursors (feed VARCHAR PRIMARY KEY, cursor VARCHAR NOT NULL);
+"""
+
+GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
+SET_CURSOR = "INSERT OR REPLACE INTO poll_cursors VALUES (?, ?)"
+
+FIND_IMPORT = "SELECT * FROM imports WHERE partition_key = ? AND delivery = ?"
+LATEST_IMPORT_OF_PARTITION = "SELECT * FROM imports WHERE partition_key = ? ORDER BY import_id DESC LIMIT 1"
+GET_IMPORT = "SELECT * FROM imports WHERE import_id = ?"
+
+INSERT_IMPORT = """
+INSERT INTO imports (import_id, partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes,
+                     semantics, status, run_id, received_at)
+VALUES (nextval('import_ids'), ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
+RETURNING import_id
+"""
+
+FINISH_IMPORT = """
+UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
+       unmatched = ?, qualified = ?, disqualified = ?, members = ?, audiences = ?, users_sha256 = ?,
+       finished_at = ?
+WHERE import_id = ? AND status = 'received'
+"""
+
+FIND_AUDIENCE = "SELECT audience_id FROM audiences WHERE feed = ? AND name = ?"
+INSERT_AUDIENCE = """
+INSERT INTO audiences (audience_id, feed, name, status, created_at)
+VALUES (nextval('audience_ids'), ?, ?, 'active', ?) RETURNING audience_id
+"""
+
+CURRENT_VERSIONS = """
+SELECT audience_id, version, sha256, users_sha256 FROM audience_versions
+WHERE valid_to IS NULL AND list_contains(?, audience_id)
+"""
+
+# Audiences a file with this name and content was applied to before, and whether each still holds it.
+SKIP_CANDIDATES = """
+WITH earlier AS (
+    SELECT DISTINCT v.audience_id
+    FROM audience_versions v JOIN imports i ON i.import_id = v.import_id
+    WHERE i.feed = ? AND i.file_name = ? AND v.sha256 = ?
+)
+SELECT e.audience_id, c.sha256 = ? AND c.users_sha256 IS NOT DISTINCT FROM ? AS holds, c.member_count
+FROM earlier e LEFT JOIN audience_versions c ON c.audience_id = e.audience_id AND c.valid_to IS NULL
+"""
+
+CLOSE_VERSION = "UPDATE audience_versions SET valid_to = ? WHERE audience_id = ? AND valid_to IS NULL"
+INSERT_VERSION = """
+INSERT INTO audience_versions (audience_id, version, import_id, sha256, users_sha256, member_count, qualified,
+                               disqualified, valid_from)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+EXPIRED_VERSIONS = """
+SELECT audience_id, version FROM audience_versions
+WHERE valid_to IS NOT NULL AND valid_to < ? AND NOT files_deleted
+"""
+MARK_VERSION_DELETED = "UPDATE audience_versions SET files_deleted = true WHERE audience_id = ? AND version = ?"
+
+# One Parquet file holds every committed fact analysts see, so that replacing it is a single commit point.
+SNAPSHOT = """
+SELECT 'version' AS record, v.audience_id, a.name AS audience_name, a.feed, a.status AS audience_status,
+       v.version, v.import_id, v.sha256, v.member_count, v.qualified, v.disqualified, v.valid_from, v.valid_to
+FROM audience_versions v JOIN audiences a USING (audience_id)
+UNION ALL BY NAME
+SELECT 'import' AS record, import_id, feed, source_uri, file_name, sha256, size_bytes, semantics, status,
+       rows_total, rows_valid, rows_rejected, duplicates, unmatched, qualified, disqualified, members,
+       audiences, error, users_sha256, run_id, received_at, finished_at
+FROM imports WHERE status <> 'received'
+"""

@@ -1,0 +1,98 @@
+"""The analysts' DuckDB file: views over the lake and the catalog snapshot, nothing else.
+
+Runs never open this file: it holds no data, only view definitions with absolute paths, so it works
+from any working directory and an analyst may keep ``duckdb -readonly`` sessions open indefinitely.
+It is written once (into a temporary file, then renamed into place) and again only on request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+
+from audience_pipeline.sql import quote_literal
+from audience_pipeline.storage.lake import Lake
+
+
+def view_statements(lake: Lake) -> list[str]:
+    glob = quote_literal(lake.snapshots_glob)
+    # The newest snapshot folder is found from the file names alone (no file is opened), and the filter on
+    # the hive column prunes every other snapshot from the scan.
+    snapshot = (
+        f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true) WHERE seq = "
+        f"(SELECT max(regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT) FROM glob({glob})))"
+    )
+    members = f"read_parquet({quote_literal(lake.members_glob)}, hive_partitioning = true)"
+    events = f"read_parquet({quote_literal(lake.events_glob)}, hive_partitioning = true)"
+    rejected = f"read_parquet({quote_literal(lake.rejected_glob)}, hive_partitioning = true)"
+    return [
+        "SET TimeZone = 'UTC'",
+        f"CREATE VIEW audience_versions AS SELECT audience_id, audience_name, feed, version, import_id, sha256,"
+        f" member_count, qualified, disqualified, valid_from, valid_to FROM {snapshot} WHERE record = 'version'",
+        f"""CREATE VIEW imports AS
+            SELECT import_id, feed, source_uri, file_name, sha256, status, rows_total, rows_valid, rows_rejected,
+                   duplicates, unmatched, qualified, disqualified, error, received_at, finished_at,
+                   size_bytes, semantics, members, audiences AS audience_names, users_sha256, run_id
+            FROM {snapshot} WHERE record = 'import'""",
+        f"""CREATE VIEW audiences AS
+            SELECT audience_id,
+                   any_value(audience_name) AS name,
+                   any_value(feed) AS feed,
+                   any_value(audience_status) AS status,
+                   max(member_count) FILTER (WHERE valid_to IS NULL) AS member_count,
+                   min(valid_from) AS created_at,
+                   max(valid_from) AS updated_at,
+                   max(version) FILTER (WHERE valid_to IS NULL) AS version
+            FROM {snapshot} WHERE record = 'version'
+            GROUP BY audience_id""",
+        f"""CREATE VIEW members AS
+            SELECT v.audience_id, v.audience_name, m.user_id, m.qualified_at, m.expires_at, m.data_bag
+            FROM {members} m
+            JOIN (SELECT audience_id, version, audience_name FROM {snapshot}
+                  WHERE record = 'version' AND valid_to IS NULL) v
+              ON m.audience_id = v.audience_id AND m.version = v.version
+            WHERE m.expires_at IS NULL OR m.expires_at > now()""",
+        f"""CREATE VIEW membership_events AS
+            SELECT e.audience_id, v.audience_name, e.user_id, e.action, e.import_id, e.event_at,
+                   i.file_name AS source_file, e.source_line
+            FROM {events} e
+            JOIN (SELECT import_id, file_name FROM {snapshot}
+                  WHERE record = 'import' AND status = 'succeeded') i ON i.import_id = e.import_id
+            JOIN (SELECT audience_id, import_id, audience_name FROM {snapshot} WHERE record = 'version') v
+              ON v.audience_id = e.audience_id AND v.import_id = e.import_id""",
+        f"""CREATE VIEW rejected_rows AS
+            SELECT r.import_id, r.line_number, r.reason, r.raw
+            FROM {rejected} r
+            SEMI JOIN (SELECT import_id FROM {snapshot} WHERE record = 'import') i ON i.import_id = r.import_id""",
+        """CREATE VIEW user_audiences AS
+            SELECT user_id, audience_id, audience_name, qualified_at FROM members""",
+        f"""CREATE MACRO members_as_of(name, ts) AS TABLE
+            SELECT m.user_id
+            FROM {members} m
+            JOIN (SELECT audience_id, version FROM {snapshot}
+                  WHERE record = 'version' AND audience_name = name
+                    AND valid_from <= ts::TIMESTAMPTZ AND (valid_to IS NULL OR valid_to > ts::TIMESTAMPTZ)) v
+              ON m.audience_id = v.audience_id AND m.version = v.version
+            WHERE m.expires_at IS NULL OR m.expires_at > ts::TIMESTAMPTZ""",
+    ]
+
+
+def write_analytics(path: Path, lake: Lake, replace: bool = False) -> bool:
+    """Create the views file; returns False when it exists and ``replace`` was not asked for."""
+    if path.exists() and not replace:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        for statement in view_statements(lake)[1:]:
+            con.execute(statement)
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    os.replace(tmp, path)
+    return True
