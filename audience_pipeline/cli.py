@@ -153,20 +153,22 @@ def poll(feed: str | None, config: str | None) -> None:
 def demo(config: str | None) -> None:
     """Import every file in each feed's drop folder, then show the audiences and what changed."""
     workspace = _workspace(config)
-    runner = _runner(workspace)
-    from audience_pipeline.sources import open_source
+    from audience_pipeline.formats import get_format
+    from audience_pipeline.sources import LocalDropSource
 
+    runner = _runner(workspace)
     records = []
     for name in sorted(workspace.config.feeds):
-        source = open_source(workspace.source_location(name))
-        from audience_pipeline.formats import get_format
-
+        source = runner.resource.source(name)
+        if not isinstance(source, LocalDropSource):
+            console.print(f"{name}: {source.location} is not a local folder; use 'audience-pipeline poll'")
+            continue
         fmt = get_format(workspace.feed(name).format)
         for obj in source.list():
             if not fmt.accepts(obj.name):
                 continue
             with console.status(f"importing {obj.key} ...", spinner="dots"):
-                record = runner.import_file(name, Path(source.location) / obj.key)
+                record = runner.import_file(name, source.root / obj.key)
             console.print(f"{name}: import {record.import_id}: {_outcome_line(record)}")
             records.append(record)
     con = _analytics(workspace)

@@ -57,19 +57,31 @@ class IdentifierRules(_Strict):
         return self
 
 
+class S3Options(_Strict):
+    """Where the S3 API is. Credentials never go here: they come from the standard AWS chain
+    (environment, shared config/profile, instance or task role)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+
 class FeedConfig(_Strict):
     format: Literal["repro"]
     source: str
     # Which users-registry column the file's identifiers are looked up in; "user_id" means the IDs are user ids.
     identifier: str = "user_id"
-    poll_interval_seconds: int = Field(default=600, ge=30)
+    poll_interval_seconds: int = Field(default=600, ge=5)
     max_file_bytes: int = Field(default=500 * 1024 * 1024, gt=0)
     max_reject_ratio: float = Field(default=0.05, ge=0, le=1)
     ids: IdentifierRules = IdentifierRules()
     # Objects whose arrival time is within this many seconds of the sensor's high-water mark are compared
     # by name and version, so files landing in the same second as the last tick are never missed.
-    cursor_lookback_seconds: float = Field(default=2.0, ge=0)
+    # Default: the source's own (2 s for a local folder, 900 s for S3, where LastModified is the start of
+    # an upload).
+    cursor_lookback_seconds: float | None = Field(default=None, ge=0)
     max_runs_per_tick: int = Field(default=200, ge=1)
+    s3: S3Options = S3Options()
 
 
 class WorkspaceConfig(_Strict):

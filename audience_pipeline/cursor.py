@@ -24,10 +24,11 @@ class Cursor:
     hwm_ns: int = 0
     edge: dict[str, str] = field(default_factory=dict)  # key -> version handled within the lookback
     edge_arrived: dict[str, int] = field(default_factory=dict)
+    listed: int = 0  # objects in the last listing, to notice a listing that suddenly shrinks
 
     def dumps(self) -> str:
         return json.dumps(
-            {"v": CURSOR_FORMAT, "hwm_ns": self.hwm_ns,
+            {"v": CURSOR_FORMAT, "hwm_ns": self.hwm_ns, "listed": self.listed,
              "edge": {k: [self.edge[k], self.edge_arrived[k]] for k in sorted(self.edge)}},
             separators=(",", ":"),
         )
@@ -41,7 +42,7 @@ class Cursor:
             raise ValueError(f"unsupported sensor cursor format {data.get('v')!r}")
         edge = {k: v[0] for k, v in data["edge"].items()}
         arrived = {k: int(v[1]) for k, v in data["edge"].items()}
-        return cls(hwm_ns=int(data["hwm_ns"]), edge=edge, edge_arrived=arrived)
+        return cls(hwm_ns=int(data["hwm_ns"]), edge=edge, edge_arrived=arrived, listed=int(data.get("listed", 0)))
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def plan_tick(objects: Iterable[SourceObject], cursor: Cursor, lookback_ns: int,
     )
     taken = fresh[:max_new]
     if not taken:
-        return TickPlan(new=[], cursor=cursor, backlog=0)
+        return TickPlan(new=[], cursor=Cursor(cursor.hwm_ns, dict(cursor.edge), dict(cursor.edge_arrived)),
+                        backlog=0)
     hwm = max(cursor.hwm_ns, taken[-1].arrived_ns)
     keep_from = hwm - lookback_ns
     edge = {k: v for k, v in cursor.edge.items() if cursor.edge_arrived[k] >= keep_from}

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from audience_pipeline.duck import work_connection
 from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
-from audience_pipeline.sources import SourceError, source_for_uri
+from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, source_for_uri
 from audience_pipeline.storage.catalog import Catalog, ImportRecord, Outcome
 from audience_pipeline.storage.lake import Lake
 from audience_pipeline.users import RegistryError, UsersRegistry
@@ -50,8 +51,10 @@ class Summary:
 
 
 class ImportService:
-    def __init__(self, workspace: Workspace):
+    def __init__(self, workspace: Workspace, s3_client: Callable[[str], S3ClientFactory] | None = None):
+        """``s3_client(feed)`` gives a factory of boto3 S3 clients for that feed's endpoint."""
         self.workspace = workspace
+        self.s3_client = s3_client
         storage = workspace.config.storage
         self.lake = Lake(workspace.lake)
         self.catalog = Catalog(workspace.catalog, self.lake, storage.lock_timeout_seconds)
@@ -70,12 +73,14 @@ class ImportService:
         received_at = datetime.now(UTC)
         staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
         staged.parent.mkdir(parents=True, exist_ok=True)
-        source, key = source_for_uri(source_uri)
+        source, key = source_for_uri(source_uri, self.s3_client(feed_name) if self.s3_client else None)
+        # A sensor's delivery names the exact version it listed; read that one or learn it was replaced.
+        listed_version = delivery.removeprefix("source:") if delivery.startswith("source:") else None
         digest_obj = hashlib.sha256()
         size = 0
         over_limit = False
         try:
-            with source.open(key) as (stream, obj), open(staged, "wb") as out:
+            with source.open(key, listed_version) as (stream, obj), open(staged, "wb") as out:
                 file_name = obj.name
                 while chunk := stream.read(1 << 20):
                     size += len(chunk)
@@ -84,6 +89,14 @@ class ImportService:
                         break
                     digest_obj.update(chunk)
                     out.write(chunk)
+        except SourceChanged as exc:
+            staged.unlink(missing_ok=True)
+            record = self.catalog.begin_import(
+                partition_key=partition_key, delivery=delivery, feed=feed_name, source_uri=source_uri,
+                file_name=key.rsplit("/", 1)[-1], sha256=None, size_bytes=None,
+                semantics=get_format(feed.format).semantics(feed).value, run_id=run_id, received_at=received_at,
+            )
+            return self._fail(record, f"{exc}; the new version is a delivery of its own")
         except SourceError:
             staged.unlink(missing_ok=True)
             raise
@@ -103,7 +116,7 @@ class ImportService:
         else:
             archived.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, archived)
-        if not sha256.startswith(digest):
+        if listed_version is None and not sha256.startswith(digest):
             return self._fail(
                 record,
                 f"{file_name}: content changed after it was listed (sha256 {sha256[:8]}, expected {digest}); "

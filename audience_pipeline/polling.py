@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from audience_pipeline.config import FeedConfig
 from audience_pipeline.cursor import Cursor, plan_tick
 from audience_pipeline.formats import get_format
 from audience_pipeline.keys import partition_key
-from audience_pipeline.sources import DropSource, SourceError, SourceObject
+from audience_pipeline.sources import DropSource, SourceError
+
+# A listing with less than this share of the previous one's objects is reported as an anomaly (narrowed
+# permissions, a prefix typo, a bucket lifecycle rule); the audiences stay as they are either way.
+SHRINK_ALERT_RATIO = 0.5
+SHRINK_ALERT_MIN_OBJECTS = 10
 
 
 @dataclass(frozen=True)
@@ -35,38 +39,42 @@ class PollResult:
     vanished: list[str]
     backlog: int
     listed: int
-
-
-def content_sha256(source: DropSource, key: str) -> tuple[str, SourceObject]:
-    digest = hashlib.sha256()
-    with source.open(key) as (stream, obj):
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest(), obj
+    anomaly: str | None
 
 
 def poll_feed(feed_name: str, feed: FeedConfig, source: DropSource, cursor: Cursor) -> PollResult:
     fmt = get_format(feed.format)
-    listed = list(source.list())
-    accepted, ignored = [], []
-    for obj in listed:
-        (accepted if fmt.accepts(obj.name) else ignored).append(obj)
-    plan = plan_tick(accepted, cursor, int(feed.cursor_lookback_seconds * 1e9), feed.max_runs_per_tick)
+    accepted, ignored, listed = [], [], 0
+    for obj in source.list():
+        listed += 1
+        if fmt.accepts(obj.name):
+            accepted.append(obj)
+        else:
+            ignored.append(obj.key)
+    lookback = feed.cursor_lookback_seconds
+    if lookback is None:
+        lookback = source.default_lookback_seconds
+    plan = plan_tick(accepted, cursor, int(lookback * 1e9), feed.max_runs_per_tick)
     deliveries, vanished = [], []
     for obj in plan.new:
         try:
-            sha256, seen = content_sha256(source, obj.key)
+            digest, seen = source.fingerprint(obj.key)
         except SourceError:
             vanished.append(obj.key)
             continue
         deliveries.append(
             Delivery(
-                partition_key=partition_key(feed_name, obj.name, sha256),
+                partition_key=partition_key(feed_name, obj.name, digest),
                 delivery=f"source:{seen.version}",
                 source_uri=seen.uri,
                 key=obj.key,
                 size=seen.size,
             )
         )
-    return PollResult(deliveries=deliveries, cursor=plan.cursor, ignored=[o.key for o in ignored],
-                      vanished=vanished, backlog=plan.backlog, listed=len(listed))
+    anomaly = None
+    if cursor.listed >= SHRINK_ALERT_MIN_OBJECTS and listed < cursor.listed * SHRINK_ALERT_RATIO:
+        anomaly = (f"{source.location} listed {listed} objects, down from {cursor.listed}: check permissions and "
+                   "the prefix; no audience was changed")
+    plan.cursor.listed = listed
+    return PollResult(deliveries=deliveries, cursor=plan.cursor, ignored=ignored, vanished=vanished,
+                      backlog=plan.backlog, listed=listed, anomaly=anomaly)

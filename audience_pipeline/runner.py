@@ -15,7 +15,6 @@ from audience_pipeline.defs import build_definitions
 from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_SOURCE_URI, audience_files
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.hashing import sha256_file
-from audience_pipeline.importer import ImportService
 from audience_pipeline.keys import partition_key
 from audience_pipeline.storage.catalog import ImportRecord
 
@@ -51,7 +50,8 @@ class Runner:
 
     def __post_init__(self) -> None:
         self.defs = build_definitions(self.workspace)
-        self.service = ImportService(self.workspace)
+        self.resource = AudienceWorkspace(config_path=str(self.workspace.path))
+        self.service = self.resource.service()
 
     def run(self, pkey: str, delivery: str, source_uri: str) -> ImportRecord:
         self.instance.add_dynamic_partitions(audience_files.name, [pkey])

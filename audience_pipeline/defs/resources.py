@@ -1,14 +1,19 @@
+from collections.abc import Callable
+
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 
 from audience_pipeline.config import Workspace, load_workspace
 from audience_pipeline.importer import ImportService
+from audience_pipeline.sources import DropSource, S3ClientFactory, open_source
 
 
 class AudienceWorkspace(dg.ConfigurableResource):
     """The audience_pipeline workspace: its feeds.yaml, and through it the lake, catalog and feeds.
 
-    ``config_path`` is the workspace's feeds.yaml; set it with the AUDIENCE_PIPELINE_CONFIG environment
-    variable, or leave it to the definitions loader, which resolves it from the working directory.
+    ``config_path`` is the workspace's feeds.yaml (AUDIENCE_PIPELINE_CONFIG, or ./feeds.yaml when the
+    definitions are loaded). S3 feeds get their clients from dagster-aws's S3Resource with the feed's
+    endpoint and region; credentials come from the standard AWS chain, never from the config file.
     """
 
     config_path: str
@@ -16,5 +21,18 @@ class AudienceWorkspace(dg.ConfigurableResource):
     def workspace(self) -> Workspace:
         return load_workspace(self.config_path)
 
+    def s3_client_factory(self, feed: str) -> S3ClientFactory:
+        options = self.workspace().feed(feed).s3
+        resource = S3Resource(endpoint_url=options.endpoint_url, region_name=options.region,
+                              profile_name=options.profile)
+        return resource.get_client
+
+    def s3_clients(self) -> Callable[[str], S3ClientFactory]:
+        return self.s3_client_factory
+
     def service(self) -> ImportService:
-        return ImportService(self.workspace())
+        return ImportService(self.workspace(), self.s3_clients())
+
+    def source(self, feed: str) -> DropSource:
+        workspace = self.workspace()
+        return open_source(workspace.source_location(feed), self.s3_client_factory(feed))

@@ -5,7 +5,7 @@ from audience_pipeline.cursor import Cursor
 from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_SOURCE_URI, audience_files, audience_import_job
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.polling import poll_feed
-from audience_pipeline.sources import SourceError, open_source
+from audience_pipeline.sources import SourceError
 
 
 def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
@@ -23,10 +23,12 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
     def _sensor(context: dg.SensorEvaluationContext, audience_workspace: AudienceWorkspace):
         workspace = audience_workspace.workspace()
         try:
-            source = open_source(workspace.source_location(feed_name))
+            source = audience_workspace.source(feed_name)
             result = poll_feed(feed_name, workspace.feed(feed_name), source, Cursor.loads(context.cursor))
         except SourceError as exc:
             return dg.SkipReason(f"drop location not readable: {exc}")
+        if result.anomaly:
+            context.log.warning(result.anomaly)
         for key in result.ignored:
             context.log.debug(f"ignored {key}: not a {feed.format} file")
         for key in result.vanished:

@@ -1,29 +1,44 @@
-"""Drop sources: where feeds land their files. Every source lists objects and streams one into a file."""
+"""Drop sources: where feeds land their files. Every source lists objects and streams one on request."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
 
-from audience_pipeline.sources.base import DropSource, SourceError, SourceObject
+from audience_pipeline.sources.base import DropSource, SourceChanged, SourceError, SourceObject
 from audience_pipeline.sources.local import LocalDropSource
+from audience_pipeline.sources.s3 import S3DropSource, parse_s3_uri
+
+S3ClientFactory = Callable[[], Any]
 
 
-def open_source(location: str) -> DropSource:
+def open_source(location: str, s3_client: S3ClientFactory | None = None) -> DropSource:
     """The drop source for a feed's (resolved) source location."""
+    if location.startswith("s3://"):
+        if s3_client is None:
+            raise SourceError(f"{location}: no S3 client configured")
+        return S3DropSource(s3_client(), location if location.endswith("/") else location + "/")
     if "://" in location and not location.startswith("file://"):
-        scheme = location.split("://", 1)[0]
-        raise SourceError(f"unsupported source scheme {scheme!r} in {location!r}")
+        raise SourceError(f"unsupported source scheme {location.split('://', 1)[0]!r} in {location!r}")
     return LocalDropSource(location.removeprefix("file://"))
 
 
-def source_for_uri(uri: str) -> tuple[DropSource, str]:
-    """The source and key that can re-open an object from its URI (as recorded on a delivery)."""
+def source_for_uri(uri: str, s3_client: S3ClientFactory | None = None) -> tuple[DropSource, str]:
+    """The source and key that re-open an object from its URI (as recorded on a delivery)."""
     if uri.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
         path = Path(unquote(urlparse(uri).path))
         return LocalDropSource(path.parent), path.name
+    if uri.startswith("s3://"):
+        bucket, key = parse_s3_uri(uri)
+        if s3_client is None:
+            raise SourceError(f"{uri}: no S3 client configured")
+        return S3DropSource(s3_client(), f"s3://{bucket}/"), key
     raise SourceError(f"cannot open {uri!r}: unsupported scheme")
 
 
-__all__ = ["DropSource", "LocalDropSource", "SourceError", "SourceObject", "open_source"]
+__all__ = [
+    "S3ClientFactory", "DropSource", "LocalDropSource", "S3DropSource", "SourceChanged", "SourceError", "SourceObject",
+    "open_source", "source_for_uri",
+]

@@ -9,7 +9,11 @@ from typing import BinaryIO, Protocol
 
 
 class SourceError(RuntimeError):
-    pass
+    """The object cannot be read (gone, denied, unreachable)."""
+
+
+class SourceChanged(SourceError):
+    """The object was replaced after it was listed: the listed version no longer exists to be read."""
 
 
 @dataclass(frozen=True)
@@ -30,11 +34,20 @@ class SourceObject:
 
 class DropSource(Protocol):
     location: str
+    # Default for feeds.<feed>.cursor_lookback_seconds: how late, relative to the newest arrival seen,
+    # an object of this source can still show up with an older arrival time.
+    default_lookback_seconds: float
 
-    def list(self) -> Iterator[SourceObject]: ...
+    def list(self) -> Iterator[SourceObject]:
+        """Every object under the location, in pages; keys relative to the location."""
+        ...
 
-    def stat(self, key: str) -> SourceObject: ...
+    def fingerprint(self, key: str) -> tuple[str, SourceObject]:
+        """A hex content digest that names the partition (sha256 locally, the ETag on S3), and the exact
+        version it belongs to."""
+        ...
 
-    def open(self, key: str) -> AbstractContextManager[tuple[BinaryIO, SourceObject]]:
-        """The object's content as a binary stream, with what is being read (size, version)."""
+    def open(self, key: str, version: str | None = None) -> AbstractContextManager[tuple[BinaryIO, SourceObject]]:
+        """The object's content as a binary stream. With ``version``, exactly that version, or
+        :class:`SourceChanged` if it is no longer there."""
         ...

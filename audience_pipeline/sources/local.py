@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from audience_pipeline.sources.base import SourceError, SourceObject
+from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject
 
 
 class LocalDropSource:
-    """Files directly in one folder and its sub-folders; hidden files (``.name``) are partial uploads.
+    """Files in one folder and its sub-folders; hidden files (``.name``) are partial uploads.
 
     A file's arrival time is the later of its mtime and ctime: a file moved in with ``mv`` or copied
     with ``cp -p`` keeps an old mtime, but its ctime is the moment it appeared, so it is not missed.
     """
+
+    default_lookback_seconds = 2.0
 
     def __init__(self, folder: str | os.PathLike):
         self.root = Path(folder)
         self.location = str(self.root)
 
     def _object(self, path: Path, st: os.stat_result) -> SourceObject:
-        key = path.relative_to(self.root).as_posix()
         return SourceObject(
-            key=key,
+            key=path.relative_to(self.root).as_posix(),
             size=st.st_size,
             arrived_ns=max(st.st_mtime_ns, st.st_ctime_ns),
             version=f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}",
@@ -47,13 +49,6 @@ class LocalDropSource:
                     continue
                 yield self._object(path, st)
 
-    def stat(self, key: str) -> SourceObject:
-        path = self._path(key)
-        try:
-            return self._object(path, path.stat())
-        except FileNotFoundError:
-            raise SourceError(f"{path} no longer exists") from None
-
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
         if not path.is_relative_to(self.root.resolve()):
@@ -61,11 +56,21 @@ class LocalDropSource:
         return path
 
     @contextmanager
-    def open(self, key: str) -> Iterator[tuple[BinaryIO, SourceObject]]:
+    def open(self, key: str, version: str | None = None) -> Iterator[tuple[BinaryIO, SourceObject]]:
         path = self._path(key)
         try:
             fh = open(path, "rb")
         except FileNotFoundError:
             raise SourceError(f"{path} no longer exists") from None
         with fh:
-            yield fh, self._object(path, os.fstat(fh.fileno()))
+            obj = self._object(path, os.fstat(fh.fileno()))
+            if version is not None and obj.version != version:
+                raise SourceChanged(f"{path} was replaced after it was listed")
+            yield fh, obj
+
+    def fingerprint(self, key: str) -> tuple[str, SourceObject]:
+        digest = hashlib.sha256()
+        with self.open(key) as (stream, obj):
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest(), obj

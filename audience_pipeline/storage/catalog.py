@@ -24,7 +24,6 @@ from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage import statements as sql
 from audience_pipeline.storage.lake import Lake
 
-
 SNAPSHOT_GRACE_SECONDS = 600
 
 
@@ -177,8 +176,8 @@ class Catalog:
         feed: str,
         source_uri: str,
         file_name: str,
-        sha256: str,
-        size_bytes: int,
+        sha256: str | None,
+        size_bytes: int | None,
         semantics: str,
         run_id: str | None,
         received_at: datetime,
