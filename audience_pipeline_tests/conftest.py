@@ -1,4 +1,5 @@
 import os
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -21,6 +22,7 @@ class Env:
         self.instance = instance
         self.drop = root / "drop" / "repro"
         self.drop.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         (root / "feeds.yaml").write_text(yaml.safe_dump(config))
         self.workspace = load_workspace(root / "feeds.yaml")
         prepare(self.workspace)
@@ -81,6 +83,35 @@ def make_env(tmp_path, dagster_instance):
         return Env(tmp_path / name, dagster_instance, config)
 
     return _make
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A real S3 API server (moto's server mode) on loopback, reached by boto3 over HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its state per process, across server instances: start every test from an empty store
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
 
 
 @pytest.fixture(autouse=True)
