@@ -33,6 +33,10 @@ class StorageConfig(_Strict):
     analytics: str = "data/analytics.duckdb"
     # Member-list versions closed longer ago than this are deleted; the activity log and events are kept.
     retention_days: float = Field(default=30.0, gt=0)
+    # The retention job deletes raw files and validated rows of imports finished longer ago than this, and
+    # Dagster partitions of such imports after partition_retention_days, except what current lists need.
+    raw_retention_days: float = Field(default=7.0, gt=0)
+    partition_retention_days: float = Field(default=30.0, gt=0)
     # How long a run waits for another run's brief hold on the catalog file before giving up.
     lock_timeout_seconds: float = Field(default=300.0, gt=0)
     # DuckDB memory cap for the set operations of one import; DuckDB spills to disk beyond it.

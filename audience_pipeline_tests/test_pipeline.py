@@ -183,4 +183,5 @@ def test_definitions_expose_assets_job_and_sensor(env):
     sensor = defs.resolve_sensor_def("repro_audience_sensor")
     assert sensor.minimum_interval_seconds == 600
     assert defs.resolve_job_def("audience_import_job").partitions_def == audience_files
+    assert defs.resolve_schedule_def("audience_retention_schedule").cron_schedule == "17 3 * * *"
     assert isinstance(defs.resolve_job_def("audience_import_job"), dg.JobDefinition)

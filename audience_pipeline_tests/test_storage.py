@@ -42,3 +42,34 @@ def test_import_waits_while_another_process_holds_the_catalog(env):
     holder.wait(timeout=30)
     assert record.status == "succeeded" and env.members("w") == {"a", "b"}
     assert waited > 1.5  # it really waited for the lock instead of failing or bypassing it
+
+
+def test_retention_job_keeps_what_current_lists_need(make_env):
+    config = base_config()
+    config["storage"].update(retention_days=1 / 86400, raw_retention_days=1 / 86400,
+                             partition_retention_days=1 / 86400)
+    env = make_env(config)
+    a = env.import_file("ret.csv", "a\nb\n")
+    b = env.import_file("ret.csv", "b\nc\n")
+    current = env.import_file("ret.csv", "c\nd\n")
+    failed = env.import_file("other.csv", b"")
+    time.sleep(1.2)
+    job = env.runner.defs.resolve_job_def("audience_retention_job")
+    result = job.execute_in_process(instance=env.instance)
+    assert result.success
+    lake = Lake(env.workspace.lake)
+    assert lake.raw_path(current.sha256).exists()
+    assert not lake.raw_path(a.sha256).exists() and not lake.raw_path(b.sha256).exists()
+    assert lake.validated_rows(current.import_id).exists()
+    assert not lake.validated_rows(a.import_id).exists()
+    partitions = set(env.instance.get_dynamic_partitions("audience_files"))
+    assert current.partition_key in partitions
+    assert not {a.partition_key, b.partition_key, failed.partition_key} & partitions
+    # the activity log, events and the current list are untouched
+    assert env.query("SELECT count(*) FROM imports")[0][0] == 4
+    assert env.query("SELECT count(*) FROM membership_events WHERE audience_name = 'ret'")[0][0] == 6
+    assert env.members("ret") == {"c", "d"}
+    # and the current list still re-materializes (its raw file and partition are there)
+    again = env.runner.defs.resolve_job_def("audience_import_job").execute_in_process(
+        partition_key=current.partition_key, instance=env.instance)
+    assert again.success

@@ -123,3 +123,23 @@ SELECT 'import' AS record, import_id, feed, source_uri, file_name, sha256, size_
        audiences, error, users_sha256, run_id, received_at, finished_at
 FROM imports WHERE status <> 'received'
 """
+
+# Retention: what may go. Never the raw file or partition of a current version, nor an unfinished import.
+RAW_EXPIRED = """
+SELECT sha256 FROM imports WHERE sha256 IS NOT NULL
+GROUP BY sha256
+HAVING bool_and(status <> 'received') AND max(coalesce(finished_at, received_at)) < ?
+   AND sha256 NOT IN (SELECT sha256 FROM audience_versions WHERE valid_to IS NULL)
+"""
+VALIDATED_EXPIRED = """
+SELECT import_id FROM imports
+WHERE status <> 'received' AND finished_at < ?
+  AND import_id NOT IN (SELECT import_id FROM audience_versions WHERE valid_to IS NULL)
+"""
+PARTITIONS_EXPIRED = """
+SELECT partition_key FROM imports
+GROUP BY partition_key
+HAVING bool_and(status <> 'received') AND max(coalesce(finished_at, received_at)) < ?
+   AND partition_key NOT IN (SELECT i.partition_key FROM audience_versions v JOIN imports i USING (import_id)
+                             WHERE v.valid_to IS NULL)
+"""
