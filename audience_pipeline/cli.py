@@ -33,15 +33,16 @@ def _workspace(config: str | None) -> Workspace:
 
 def _runner(workspace: Workspace):
     from audience_pipeline.runner import Runner, instance_for
-    from audience_pipeline.workspace_setup import prepare
 
-    prepare(workspace)
     return Runner(workspace, instance_for(workspace))
 
 
 def _analytics(workspace: Workspace) -> duckdb.DuckDBPyConnection:
     from audience_pipeline.workspace_setup import prepare
 
+    if workspace.lake_is_remote:
+        raise CliError(f"the lake is on S3: query it with DuckDB and httpfs using the views in "
+                       f"{workspace.analytics.with_suffix('.sql')} ('audience-pipeline views' writes them)")
     if not workspace.analytics.exists():
         prepare(workspace)
     con = duckdb.connect(str(workspace.analytics), read_only=True)
@@ -243,15 +244,24 @@ def rejects(import_id: int, limit: int, config: str | None) -> None:
 @click.option("--replace", is_flag=True, help="Rewrite the file (no analyst may have it open).")
 @config_option
 def views(replace: bool, config: str | None) -> None:
-    """Write the analysts' DuckDB views file (storage.analytics) if it is missing."""
+    """Write the analysts' DuckDB views file (storage.analytics) if it is missing.
+
+    For an S3 lake, writes the views as a SQL script beside it (storage.analytics with .sql) for DuckDB
+    with the httpfs extension."""
     from audience_pipeline.workspace_setup import prepare
 
     workspace = _workspace(config)
+    lake = None
+    if workspace.lake_is_remote:
+        from audience_pipeline.defs.resources import AudienceWorkspace
+
+        lake = AudienceWorkspace(config_path=str(workspace.path)).service().lake
     try:
-        written = prepare(workspace, replace_views=replace)
+        written = prepare(workspace, lake, replace_views=replace)
     except duckdb.IOException as exc:
         raise CliError(f"{workspace.analytics} is in use: {str(exc).splitlines()[0]}") from None
-    console.print(f"{'wrote' if written else 'kept'} {workspace.analytics}")
+    target = workspace.analytics.with_suffix(".sql") if workspace.lake_is_remote else workspace.analytics
+    console.print(f"{'wrote' if written else 'kept'} {target}")
 
 
 if __name__ == "__main__":

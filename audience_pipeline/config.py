@@ -27,6 +27,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class S3Options(_Strict):
+    """Where the S3 API is. Credentials never go here: they come from the standard AWS chain
+    (environment, shared config/profile, instance or task role)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+
 class StorageConfig(_Strict):
     lake: str = "data/lake"
     catalog: str = "data/catalog.duckdb"
@@ -41,6 +50,13 @@ class StorageConfig(_Strict):
     lock_timeout_seconds: float = Field(default=300.0, gt=0)
     # DuckDB memory cap for the set operations of one import; DuckDB spills to disk beyond it.
     memory_limit: str = "1GB"
+    # With lake: s3://bucket/prefix, runs work on a local cache of the files they need, cleaned after each
+    # import down to the current member lists and then to at most cache_max_bytes.
+    cache: str = "data/lake-cache"
+    cache_max_bytes: int = Field(default=10 * 1024**3, ge=0)
+    s3: S3Options = S3Options()
+    server_side_encryption: Literal["AES256", "aws:kms"] = "AES256"
+    kms_key_id: str | None = None
 
 
 class UsersConfig(_Strict):
@@ -59,15 +75,6 @@ class IdentifierRules(_Strict):
         if self.min_length > self.max_length:
             raise ValueError("min_length is greater than max_length")
         return self
-
-
-class S3Options(_Strict):
-    """Where the S3 API is. Credentials never go here: they come from the standard AWS chain
-    (environment, shared config/profile, instance or task role)."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
 
 
 class FeedConfig(_Strict):
@@ -119,8 +126,14 @@ class Workspace:
         return p if p.is_absolute() else (self.root / p).resolve()
 
     @property
+    def lake_is_remote(self) -> bool:
+        return self.config.storage.lake.startswith("s3://")
+
+    @property
     def lake(self) -> Path:
-        return self.resolve(self.config.storage.lake)
+        """The lake's local folder: the lake itself, or the local cache of an S3 lake."""
+        storage = self.config.storage
+        return self.resolve(storage.cache if self.lake_is_remote else storage.lake)
 
     @property
     def catalog(self) -> Path:

@@ -106,7 +106,7 @@ def compute_diff(
     con.executemany("INSERT INTO audience_map VALUES (?, ?)", [[k, v] for k, v in audience_ids.items()])
 
     previous_files = [str(lake.members_file(a, cv.version)) for a, cv in current.items()
-                      if lake.members_file(a, cv.version).exists()]
+                      if lake.fetch(lake.members_file(a, cv.version))]
     if previous_files:
         con.execute(
             """CREATE OR REPLACE TEMP TABLE previous AS
@@ -149,8 +149,10 @@ def compute_diff(
         for a, n, q, d in con.execute(COUNTS).fetchall()
     ]
     for audience_id in sorted(audience_ids.values()):
-        lake.publish_dir(staged / f"audience_id={audience_id}" / f"version={import_id}",
+        lake.move_into_place(staged / f"audience_id={audience_id}" / f"version={import_id}",
                          lake.members_dir(audience_id, import_id))
+        lake.publish_tree(lake.members_dir(audience_id, import_id))
+    lake.publish(lake.events(import_id))
     shutil.rmtree(staged)
     for table in ("final_state", "transitions", "previous", "audience_map"):
         con.execute(f"DROP TABLE IF EXISTS {table}")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from audience_pipeline.config import Workspace
+from audience_pipeline.config import S3Options, Workspace
 from audience_pipeline.diff import compute_diff
 from audience_pipeline.duck import work_connection
 from audience_pipeline.formats import FileRejected, get_format
@@ -24,6 +24,7 @@ from audience_pipeline.model import ImportStatus, Semantics
 from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, source_for_uri
 from audience_pipeline.storage.catalog import Catalog, ImportRecord, Outcome
 from audience_pipeline.storage.lake import Lake
+from audience_pipeline.storage.remote import RemoteStore
 from audience_pipeline.users import RegistryError, UsersRegistry
 from audience_pipeline.validate import ValidationResult, validate_file
 
@@ -51,12 +52,18 @@ class Summary:
 
 
 class ImportService:
-    def __init__(self, workspace: Workspace, s3_client: Callable[[str], S3ClientFactory] | None = None):
-        """``s3_client(feed)`` gives a factory of boto3 S3 clients for that feed's endpoint."""
+    def __init__(self, workspace: Workspace, s3_client: Callable[[S3Options], S3ClientFactory] | None = None):
+        """``s3_client(options)`` gives a factory of boto3 S3 clients for an endpoint (a feed's, the lake's)."""
         self.workspace = workspace
         self.s3_client = s3_client
         storage = workspace.config.storage
-        self.lake = Lake(workspace.lake)
+        remote = None
+        if workspace.lake_is_remote:
+            if s3_client is None:
+                raise ValueError(f"{workspace.config.storage.lake}: an S3 lake needs an S3 client")
+            remote = RemoteStore(s3_client(storage.s3)(), storage.lake, storage.server_side_encryption,
+                                 storage.kms_key_id)
+        self.lake = Lake(workspace.lake, remote)
         self.catalog = Catalog(workspace.catalog, self.lake, storage.lock_timeout_seconds)
         users = workspace.config.users
         self.users = UsersRegistry(workspace.users_path, users.user_id_column) if workspace.users_path else None
@@ -73,7 +80,7 @@ class ImportService:
         received_at = datetime.now(UTC)
         staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
         staged.parent.mkdir(parents=True, exist_ok=True)
-        source, key = source_for_uri(source_uri, self.s3_client(feed_name) if self.s3_client else None)
+        source, key = source_for_uri(source_uri, self.s3_client(feed.s3) if self.s3_client else None)
         # A sensor's delivery names the exact version it listed; read that one or learn it was replaced.
         listed_version = delivery.removeprefix("source:") if delivery.startswith("source:") else None
         digest_obj = hashlib.sha256()
@@ -116,6 +123,7 @@ class ImportService:
         else:
             archived.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, archived)
+            self.lake.publish(archived)
         if listed_version is None and not sha256.startswith(digest):
             return self._fail(
                 record,
@@ -146,12 +154,15 @@ class ImportService:
     def validate(self, record: ImportRecord) -> Summary:
         """Parse and validate the archived file; on a whole-file problem the import ends ``failed``."""
         summary_path = self._summary_path(record.import_id)
-        if summary_path.exists():
+        if self.lake.fetch(summary_path):
             data = json.loads(summary_path.read_text())
             data["audiences"] = tuple(data["audiences"])
             return Summary(**data)
         feed = self.workspace.feed(record.feed)
         work = self.lake.staging(f"work_{record.import_id}")
+        raw = self.lake.raw_path(record.sha256)
+        if not self.lake.fetch(raw):
+            self._fail(record, f"{record.file_name}: its raw file {raw.name} is no longer in the archive")
         con = work_connection(work, self.workspace.config.storage.memory_limit)
         try:
             users_sha = self.users_sha256()
@@ -160,6 +171,8 @@ class ImportService:
                 self.lake.validated_rows(record.import_id), self.lake.rejected(record.import_id), work,
             )
         except (FileRejected, RegistryError) as exc:
+            if self.lake.rejected(record.import_id).exists():
+                self.lake.publish(self.lake.rejected(record.import_id))
             self._fail(record, str(exc))
         finally:
             con.close()
@@ -169,6 +182,8 @@ class ImportService:
         tmp = summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(summary)))
         os.replace(tmp, summary_path)
+        for path in (self.lake.validated_rows(record.import_id), self.lake.rejected(record.import_id), summary_path):
+            self.lake.publish(path)
         return summary
 
     def _fail(self, record: ImportRecord, reason: str) -> ImportRecord:
@@ -215,4 +230,6 @@ class ImportService:
             con.close()
             shutil.rmtree(work, ignore_errors=True)
         self.catalog.prune_versions(timedelta(days=self.workspace.config.storage.retention_days))
+        if self.lake.remote is not None:
+            self.lake.trim_cache(self.catalog.current_member_files(), self.workspace.config.storage.cache_max_bytes)
         return self.catalog.get_import(record.import_id)

@@ -39,20 +39,19 @@ def run_retention(workspace: Workspace, catalog: Catalog, now: datetime | None =
             sql.PARTITIONS_EXPIRED, [now - timedelta(days=storage.partition_retention_days)]).fetchall())
     lake = catalog.lake
     for sha256 in raw:
-        path = lake.raw_path(sha256)
-        if path.exists():
-            path.unlink()
-            report.raw_files += 1
+        lake.delete(lake.raw_path(sha256))
+        report.raw_files += 1
     for import_id in validated:
-        folder = lake.validated_rows(import_id).parent
-        if folder.exists():
-            shutil.rmtree(folder)
-            report.validated += 1
+        lake.delete_tree(lake.validated_rows(import_id).parent)
+        report.validated += 1
     staging = lake.root / "staging"
     if staging.is_dir():
         cutoff = time.time() - STAGING_MAX_AGE_SECONDS
         for entry in staging.iterdir():
             if entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
                 report.staging += 1
     return report

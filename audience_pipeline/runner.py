@@ -17,6 +17,7 @@ from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.hashing import sha256_file
 from audience_pipeline.keys import partition_key
 from audience_pipeline.storage.catalog import ImportRecord
+from audience_pipeline.workspace_setup import prepare
 
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -52,6 +53,7 @@ class Runner:
         self.defs = build_definitions(self.workspace)
         self.resource = AudienceWorkspace(config_path=str(self.workspace.path))
         self.service = self.resource.service()
+        prepare(self.workspace, self.service.lake)
 
     def run(self, pkey: str, delivery: str, source_uri: str) -> ImportRecord:
         self.instance.add_dynamic_partitions(audience_files.name, [pkey])

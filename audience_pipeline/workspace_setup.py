@@ -9,15 +9,29 @@ from pathlib import Path
 from audience_pipeline.config import Workspace
 from audience_pipeline.storage.catalog import Catalog
 from audience_pipeline.storage.lake import Lake
-from audience_pipeline.storage.views import write_analytics
+from audience_pipeline.storage.views import analytics_script, write_analytics
 
 
-def prepare(workspace: Workspace, replace_views: bool = False) -> bool:
-    """Create the lake, publish the catalog snapshot and write the analysts' views file if missing."""
-    lake = Lake(workspace.lake)
+def prepare(workspace: Workspace, lake: Lake | None = None, replace_views: bool = False) -> bool:
+    """Create the lake, publish the catalog snapshot and write the analysts' views if missing.
+
+    For an S3 lake the views are a SQL script (``<analytics>.sql``) for DuckDB with httpfs: this
+    machine's DuckDB cannot read S3, so it cannot create (bind) those views itself.
+    """
+    if lake is None:
+        if workspace.lake_is_remote:
+            raise ValueError("an S3 lake is prepared through the import service, which holds its client")
+        lake = Lake(workspace.lake)
     lake.ensure()
     if not any(lake.snapshot_dir(0).parent.glob("*/snapshot.parquet")):
         Catalog(workspace.catalog, lake, workspace.config.storage.lock_timeout_seconds).publish()
+    if lake.remote is not None:
+        script = workspace.analytics.with_suffix(".sql")
+        if script.exists() and not replace_views:
+            return False
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(analytics_script(lake))
+        return True
     return write_analytics(workspace.analytics, lake, replace=replace_views)
 
 

@@ -9,7 +9,6 @@ import yaml
 
 from audience_pipeline.config import load_workspace
 from audience_pipeline.runner import Runner
-from audience_pipeline.workspace_setup import prepare
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -25,7 +24,6 @@ class Env:
         root.mkdir(parents=True, exist_ok=True)
         (root / "feeds.yaml").write_text(yaml.safe_dump(config))
         self.workspace = load_workspace(root / "feeds.yaml")
-        prepare(self.workspace)
         self.runner = Runner(self.workspace, instance)
 
     def drop_file(self, name: str, content: str | bytes) -> Path:

@@ -1,9 +1,7 @@
-from collections.abc import Callable
-
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from audience_pipeline.config import Workspace, load_workspace
+from audience_pipeline.config import S3Options, Workspace, load_workspace
 from audience_pipeline.importer import ImportService
 from audience_pipeline.sources import DropSource, S3ClientFactory, open_source
 
@@ -21,18 +19,15 @@ class AudienceWorkspace(dg.ConfigurableResource):
     def workspace(self) -> Workspace:
         return load_workspace(self.config_path)
 
-    def s3_client_factory(self, feed: str) -> S3ClientFactory:
-        options = self.workspace().feed(feed).s3
+    @staticmethod
+    def s3_client_factory(options: S3Options) -> S3ClientFactory:
         resource = S3Resource(endpoint_url=options.endpoint_url, region_name=options.region,
                               profile_name=options.profile)
         return resource.get_client
 
-    def s3_clients(self) -> Callable[[str], S3ClientFactory]:
-        return self.s3_client_factory
-
     def service(self) -> ImportService:
-        return ImportService(self.workspace(), self.s3_clients())
+        return ImportService(self.workspace(), self.s3_client_factory)
 
     def source(self, feed: str) -> DropSource:
         workspace = self.workspace()
-        return open_source(workspace.source_location(feed), self.s3_client_factory(feed))
+        return open_source(workspace.source_location(feed), self.s3_client_factory(workspace.feed(feed).s3))

@@ -295,6 +295,11 @@ class Catalog:
             self.export_snapshot(con)
         return True
 
+    def current_member_files(self) -> set[Path]:
+        with self.session() as con:
+            rows = con.execute("SELECT audience_id, version FROM audience_versions WHERE valid_to IS NULL").fetchall()
+        return {self.lake.members_file(a, v) for a, v in rows}
+
     def get_cursor(self, feed: str) -> str | None:
         with self.session() as con:
             row = con.execute(sql.GET_CURSOR, [feed]).fetchone()
@@ -318,6 +323,9 @@ class Catalog:
             shutil.rmtree(staged)
         staged.mkdir(parents=True)
         con.execute(f"COPY ({sql.SNAPSHOT}) TO {quote_literal(staged / 'snapshot.parquet')} (FORMAT parquet)")
+        if self.lake.remote is not None:
+            # on an S3 lake, the new snapshot object appearing is the commit point
+            self.lake.remote.upload(staged / "snapshot.parquet", self.lake.relative(final / "snapshot.parquet"))
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)
         self._prune_snapshots(seq)
@@ -327,7 +335,7 @@ class Catalog:
         cutoff = time.time() - SNAPSHOT_GRACE_SECONDS
         for folder in self.lake.snapshot_dir(newest).parent.iterdir():
             if folder.name != self.lake.snapshot_dir(newest).name and folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
+                self.lake.delete_tree(folder)
 
     def publish(self) -> None:
         with self.session() as con:
@@ -340,11 +348,7 @@ class Catalog:
             expired = con.execute(sql.EXPIRED_VERSIONS, [cutoff]).fetchall()
         removed = 0
         for audience_id, version in expired:
-            folder = self.lake.members_dir(audience_id, version)
-            if folder.exists():
-                for child in folder.iterdir():
-                    child.unlink()
-                folder.rmdir()
+            self.lake.delete_tree(self.lake.members_dir(audience_id, version))
             with self.session() as con:
                 con.execute(sql.MARK_VERSION_DELETED, [audience_id, version])
             removed += 1

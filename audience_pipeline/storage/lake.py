@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 
 from audience_pipeline.sql import quote_literal
+from audience_pipeline.storage.remote import RemoteStore
 
 MEMBERS_SCHEMA = "user_id VARCHAR, qualified_at TIMESTAMPTZ, expires_at TIMESTAMPTZ, data_bag VARCHAR"
 EVENTS_SCHEMA = (
@@ -32,8 +33,51 @@ REJECTED_SCHEMA = "line_number BIGINT, reason VARCHAR, raw VARCHAR"
 
 
 class Lake:
-    def __init__(self, root: Path):
+    """Paths of the lake under a local ``root``. With a ``remote`` (an S3 lake), ``root`` is a local cache:
+    files are published to the remote after they are written and fetched from it when missing."""
+
+    def __init__(self, root: Path, remote: RemoteStore | None = None):
         self.root = root
+        self.remote = remote
+
+    @property
+    def location(self) -> str:
+        """Where analysts find the lake: the S3 URI of a remote lake, else the local folder."""
+        return self.remote.uri if self.remote else str(self.root) + os.sep
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def publish(self, path: Path) -> None:
+        if self.remote is not None:
+            self.remote.upload(path, self.relative(path))
+
+    def publish_tree(self, folder: Path) -> None:
+        if self.remote is not None:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                self.publish(path)
+
+    def fetch(self, path: Path) -> bool:
+        """Make ``path`` present locally; False if it exists nowhere."""
+        if path.exists():
+            return True
+        return self.remote is not None and self.remote.download(self.relative(path), path)
+
+    def delete(self, path: Path) -> None:
+        if self.remote is not None:
+            self.remote.delete(self.relative(path))
+        path.unlink(missing_ok=True)
+
+    def delete_tree(self, folder: Path) -> None:
+        """Delete a folder's files here and on the remote (whose listing the local cache may lack)."""
+        if self.remote is not None:
+            listing = self.remote.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.remote.bucket, Prefix=self.remote.key(self.relative(folder)) + "/")
+            for page in listing:
+                for item in page.get("Contents", ()):
+                    self.remote.client.delete_object(Bucket=self.remote.bucket, Key=item["Key"])
+        if folder.exists():
+            shutil.rmtree(folder)
 
     def raw_path(self, sha256: str) -> Path:
         return self.root / "raw" / sha256[:2] / sha256
@@ -58,7 +102,7 @@ class Lake:
 
     @property
     def snapshots_glob(self) -> str:
-        return str(self.root / "catalog" / "snapshots" / "*" / "snapshot.parquet")
+        return self.location + "catalog/snapshots/*/snapshot.parquet"
 
     def staging(self, name: str) -> Path:
         return self.root / "staging" / name
@@ -66,15 +110,33 @@ class Lake:
     # Globs the analyst views read. Partition 0 holds an empty placeholder so a glob never matches nothing.
     @property
     def members_glob(self) -> str:
-        return str(self.root / "members" / "*" / "*" / "*.parquet")
+        return self.location + "members/*/*/*.parquet"
 
     @property
     def events_glob(self) -> str:
-        return str(self.root / "events" / "*" / "*.parquet")
+        return self.location + "events/*/*.parquet"
 
     @property
     def rejected_glob(self) -> str:
-        return str(self.root / "rejected" / "*" / "*.parquet")
+        return self.location + "rejected/*/*.parquet"
+
+    def trim_cache(self, keep: set[Path], max_bytes: int) -> None:
+        """Empty the local cache of a remote lake down to ``keep`` (what the next diffs read), then drop
+        the oldest kept files while the cache is over ``max_bytes``. Everything is on the remote."""
+        files = [p for p in self.root.rglob("*") if p.is_file()]
+        kept = []
+        for path in files:
+            if path in keep:
+                kept.append(path)
+            elif "staging" not in path.relative_to(self.root).parts:
+                path.unlink(missing_ok=True)
+        kept.sort(key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in kept)
+        for path in kept:
+            if total <= max_bytes:
+                break
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
 
     def ensure(self) -> None:
         """Create the folders and the empty placeholder partitions (idempotent)."""
@@ -87,12 +149,13 @@ class Lake:
             ):
                 if not path.exists():
                     _write_empty(con, path, schema)
+                    self.publish(path)
         finally:
             con.close()
         (self.root / "catalog").mkdir(parents=True, exist_ok=True)
         (self.root / "raw").mkdir(parents=True, exist_ok=True)
 
-    def publish_dir(self, staged: Path, final: Path) -> None:
+    def move_into_place(self, staged: Path, final: Path) -> None:
         """Move a staged folder into place, replacing an unreferenced leftover of a crashed attempt."""
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():

@@ -79,6 +79,20 @@ def view_statements(lake: Lake) -> list[str]:
     ]
 
 
+S3_PREAMBLE = """-- Views over an S3 lake, for DuckDB with the httpfs extension (INSTALL needs network access to
+-- DuckDB's extension host). Credentials come from the standard AWS chain.
+INSTALL httpfs;
+LOAD httpfs;
+CREATE OR REPLACE SECRET audience_lake (TYPE s3, PROVIDER credential_chain);
+"""
+
+
+def analytics_script(lake: Lake) -> str:
+    """The views as a SQL script, for an S3 lake that this machine's DuckDB cannot open itself."""
+    statements = view_statements(lake)[1:]
+    return S3_PREAMBLE + "".join(f"{' '.join(s.split())};\n" for s in statements)
+
+
 def write_analytics(path: Path, lake: Lake, replace: bool = False) -> bool:
     """Create the views file; returns False when it exists and ``replace`` was not asked for."""
     if path.exists() and not replace:
