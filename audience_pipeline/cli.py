@@ -166,7 +166,7 @@ def demo(config: str | None) -> None:
             continue
         fmt = get_format(workspace.feed(name).format)
         for obj in source.list():
-            if not fmt.accepts(obj.name):
+            if not fmt.accepts(obj.name, workspace.feed(name)):
                 continue
             with console.status(f"importing {obj.key} ...", spinner="dots"):
                 record = runner.import_file(name, source.root / obj.key)

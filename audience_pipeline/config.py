@@ -77,11 +77,27 @@ class IdentifierRules(_Strict):
         return self
 
 
+class IdentifierMapping(_Strict):
+    """How one identifier type resolves through the users registry: equal to ``column``, or, with
+    ``hash``, equal to the hex hash of the column's normalized value (trimmed, lower-cased)."""
+
+    column: str
+    hash: Literal["sha256", "md5"] | None = None
+
+
 class FeedConfig(_Strict):
-    format: Literal["repro"]
+    format: Literal["repro", "odp", "mediarithmics"]
     source: str
     # Which users-registry column the file's identifiers are looked up in; "user_id" means the IDs are user ids.
     identifier: str = "user_id"
+    # Per identifier type, when a format carries several (mediarithmics): a registry column, or a mapping.
+    identifiers: dict[str, str | IdentifierMapping] = {}
+    # ODP: the header field holding the feed's high-confidence identifier.
+    id_field: str | None = None
+    # ODP: a .csv.gz may expand to no more than this many bytes (gzip bombs).
+    max_decompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
+    # mediarithmics: ndjson or csv; auto chooses by the file suffix.
+    file_type: Literal["auto", "ndjson", "csv"] = "auto"
     poll_interval_seconds: int = Field(default=600, ge=5)
     max_file_bytes: int = Field(default=500 * 1024 * 1024, gt=0)
     max_reject_ratio: float = Field(default=0.05, ge=0, le=1)
@@ -93,6 +109,18 @@ class FeedConfig(_Strict):
     cursor_lookback_seconds: float | None = Field(default=None, ge=0)
     max_runs_per_tick: int = Field(default=200, ge=1)
     s3: S3Options = S3Options()
+
+    @model_validator(mode="after")
+    def _format_options(self) -> FeedConfig:
+        if self.format == "odp" and not self.id_field:
+            raise ValueError("an odp feed needs id_field, the header field of its identifier "
+                             "(e.g. a_high_confidence_identifier)")
+        return self
+
+    def registry_mapping(self, identifier_type: str) -> IdentifierMapping:
+        """The registry column (and hash) that identifiers of this type are looked up in."""
+        mapped = self.identifiers.get(identifier_type, self.identifier)
+        return mapped if isinstance(mapped, IdentifierMapping) else IdentifierMapping(column=mapped)
 
 
 class WorkspaceConfig(_Strict):

@@ -20,7 +20,7 @@ from audience_pipeline.storage.catalog import CurrentVersion, NewVersion
 from audience_pipeline.storage.lake import MEMBERS_SCHEMA, Lake
 
 # The last command per (audience, user) in line order decides the outcome of the file for that pair. When
-# every row is a plain add without attributes (Repro), one max() replaces three arg_max() aggregates,
+# every row is a plain add without attributes (Repro), one max() replaces the arg_max() aggregates,
 # which halves this step on 16M rows.
 FINAL_STATE = """
 CREATE OR REPLACE TEMP TABLE final_state AS
@@ -47,26 +47,51 @@ FROM read_parquet($rows)
 """
 
 # One full outer join of the file's final state with the previous lists gives, per (audience, user),
-# membership before and after; the new lists and the events are both filters of it. An untouched
-# previous member stays for an incremental file and leaves for a replace file.
+# membership before and after; the new lists and the events are all filters of it.
+#   was_member  in the previous list and not expired at the import's time
+#   lapsed      in the previous list but expired by then: it left at its expires_at (event at that instant)
+#   is_member   the file adds it (with an expiry still ahead), or leaves it untouched in an incremental file
 TRANSITIONS = """
 CREATE OR REPLACE TEMP TABLE transitions AS
-SELECT coalesce(f.audience_id, p.audience_id) AS audience_id,
-       coalesce(f.user_id, p.user_id) AS user_id,
-       p.user_id IS NOT NULL AS was_member,
-       CASE WHEN f.user_id IS NOT NULL THEN f.action = 'add' ELSE $incremental END AS is_member,
-       coalesce(p.qualified_at, $event_at::TIMESTAMPTZ) AS qualified_at,
-       CASE WHEN f.user_id IS NOT NULL THEN f.expires_at ELSE p.expires_at END AS expires_at,
-       CASE WHEN f.user_id IS NOT NULL THEN f.data_bag ELSE p.data_bag END AS data_bag,
-       f.source_line
-FROM final_state f FULL OUTER JOIN previous p ON p.audience_id = f.audience_id AND p.user_id = f.user_id
+SELECT audience_id, user_id, was_member, lapsed, lapsed_at, source_line, expires_at, data_bag,
+       CASE WHEN touched THEN action = 'add' AND coalesce(expires_at > $event_at, true)
+            ELSE $incremental AND NOT lapsed END AS is_member,
+       CASE WHEN was_member THEN qualified_at ELSE $event_at::TIMESTAMPTZ END AS qualified_at,
+       touched AND action = 'remove' AND NOT was_member AS noop
+FROM (
+    SELECT coalesce(f.audience_id, p.audience_id) AS audience_id,
+           coalesce(f.user_id, p.user_id) AS user_id,
+           f.user_id IS NOT NULL AS touched,
+           f.action,
+           p.user_id IS NOT NULL AND coalesce(p.expires_at > $event_at, true) AS was_member,
+           p.user_id IS NOT NULL AND coalesce(p.expires_at <= $event_at, false) AS lapsed,
+           p.expires_at AS lapsed_at,
+           p.qualified_at,
+           CASE WHEN f.user_id IS NOT NULL THEN f.expires_at ELSE p.expires_at END AS expires_at,
+           CASE WHEN f.user_id IS NOT NULL THEN f.data_bag ELSE p.data_bag END AS data_bag,
+           f.source_line
+    FROM final_state f FULL OUTER JOIN previous p ON p.audience_id = f.audience_id AND p.user_id = f.user_id
+)
+"""
+
+# A lapsed member that the file adds again left at its expiry and comes back now: two events at two
+# instants, the only case with more than one event per (import, audience, user).
+EVENTS = """
+SELECT audience_id, user_id, 'disqualify' AS action, lapsed_at AS event_at, NULL::BIGINT AS source_line
+FROM transitions WHERE lapsed
+UNION ALL
+SELECT audience_id, user_id, CASE WHEN is_member THEN 'qualify' ELSE 'disqualify' END, $event_at::TIMESTAMPTZ,
+       source_line
+FROM transitions WHERE is_member <> was_member
 """
 
 COUNTS = """
 SELECT m.audience_id,
        count(t.user_id) FILTER (WHERE t.is_member),
        count(t.user_id) FILTER (WHERE t.is_member AND NOT t.was_member),
-       count(t.user_id) FILTER (WHERE t.was_member AND NOT t.is_member)
+       count(t.user_id) FILTER (WHERE (t.was_member AND NOT t.is_member) OR t.lapsed),
+       count(t.user_id) FILTER (WHERE t.noop),
+       min(t.expires_at) FILTER (WHERE t.is_member)
 FROM audience_map m LEFT JOIN transitions t ON t.audience_id = m.audience_id
 GROUP BY m.audience_id ORDER BY m.audience_id
 """
@@ -76,6 +101,7 @@ GROUP BY m.audience_id ORDER BY m.audience_id
 class DiffResult:
     versions: list[NewVersion]
     pairs: int  # distinct (audience, user) pairs in the file: valid rows minus this are duplicates
+    noops: int  # removals of users who were not members
 
     @property
     def qualified(self) -> int:
@@ -88,6 +114,15 @@ class DiffResult:
     @property
     def members(self) -> int:
         return sum(v.member_count for v in self.versions)
+
+
+def list_times(con: duckdb.DuckDBPyConnection, rows_path: Path) -> dict[str, datetime]:
+    """Per audience, the newest time the file says its rows were true (ODP's ``ts``), where given."""
+    rows = con.execute(
+        "SELECT audience_key, max(observed_at) FROM read_parquet(?) WHERE observed_at IS NOT NULL GROUP BY 1",
+        [str(rows_path)],
+    ).fetchall()
+    return dict(rows)
 
 
 def compute_diff(
@@ -136,24 +171,21 @@ def compute_diff(
                 TO {quote_literal(target)} (FORMAT parquet, COMPRESSION zstd)""",
             [audience_id],
         )
-    copy_to_parquet(
-        con,
-        """SELECT audience_id, user_id, CASE WHEN is_member THEN 'qualify' ELSE 'disqualify' END AS action,
-                  ?::TIMESTAMPTZ AS event_at, source_line
-           FROM transitions WHERE is_member <> was_member""",
-        [event_at],
-        lake.events(import_id),
-    )
+    copy_to_parquet(con, EVENTS, {"event_at": event_at}, lake.events(import_id))
+    counts = con.execute(COUNTS).fetchall()
+    times = list_times(con, rows_path)
+    keys = {v: k for k, v in audience_ids.items()}
     versions = [
-        NewVersion(audience_id=a, member_count=n, qualified=q, disqualified=d)
-        for a, n, q, d in con.execute(COUNTS).fetchall()
+        NewVersion(audience_id=a, member_count=n, qualified=q, disqualified=d, next_expiry=e,
+                   list_time=times.get(keys[a]))
+        for a, n, q, d, _, e in counts
     ]
     for audience_id in sorted(audience_ids.values()):
         lake.move_into_place(staged / f"audience_id={audience_id}" / f"version={import_id}",
-                         lake.members_dir(audience_id, import_id))
+                             lake.members_dir(audience_id, import_id))
         lake.publish_tree(lake.members_dir(audience_id, import_id))
     lake.publish(lake.events(import_id))
     shutil.rmtree(staged)
     for table in ("final_state", "transitions", "previous", "audience_map"):
         con.execute(f"DROP TABLE IF EXISTS {table}")
-    return DiffResult(versions=versions, pairs=pairs)
+    return DiffResult(versions=versions, pairs=pairs, noops=sum(row[4] for row in counts))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import duckdb
 
+from audience_pipeline.sql import quote_literal
+
 
 def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB that spills to ``temp_dir`` beyond ``memory_limit``.
@@ -24,9 +26,24 @@ def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnect
 
 def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, params: list | dict, dest: Path) -> None:
     """Write a query's result to ``dest`` atomically: a reader sees the old file or the whole new one."""
-    from audience_pipeline.sql import quote_literal
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     con.execute(f"COPY ({query}) TO {quote_literal(tmp)} (FORMAT parquet, COMPRESSION zstd)", params)
     os.replace(tmp, dest)
+
+
+CANONICAL_EMPTY = """
+SELECT NULL::VARCHAR AS audience_key, NULL::VARCHAR AS identifier_type, NULL::VARCHAR AS identifier,
+       NULL::VARCHAR AS user_id, NULL::VARCHAR AS action, NULL::TIMESTAMPTZ AS expires_at,
+       NULL::VARCHAR AS data_bag, NULL::TIMESTAMPTZ AS observed_at, NULL::BIGINT AS source_line
+LIMIT 0
+"""
+
+
+def empty_rows(dest: Path) -> None:
+    """A canonical rows file with no rows (an expiry sweep applies no commands)."""
+    con = duckdb.connect(":memory:")
+    try:
+        copy_to_parquet(con, CANONICAL_EMPTY, [], dest)
+    finally:
+        con.close()

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from audience_pipeline.config import S3Options, Workspace
-from audience_pipeline.diff import compute_diff
-from audience_pipeline.duck import work_connection
+from audience_pipeline.diff import compute_diff, list_times
+from audience_pipeline.duck import empty_rows, work_connection
 from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
@@ -169,6 +169,7 @@ class ImportService:
             result: ValidationResult = validate_file(
                 con, self.lake.raw_path(record.sha256), record.file_name, feed, self.users,
                 self.lake.validated_rows(record.import_id), self.lake.rejected(record.import_id), work,
+                record.received_at,
             )
         except (FileRejected, RegistryError) as exc:
             if self.lake.rejected(record.import_id).exists():
@@ -206,19 +207,34 @@ class ImportService:
         feed = self.workspace.feed(record.feed)
         semantics = Semantics(get_format(feed.format).semantics(feed))
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
+        return self._commit(record, semantics, self.lake.validated_rows(record.import_id), audience_ids,
+                            summary)
+
+    def _commit(self, record: ImportRecord, semantics: Semantics, rows_path: Path, audience_ids: dict[str, int],
+                summary: Summary | None) -> ImportRecord:
         work = self.lake.staging(f"work_{record.import_id}")
         con = work_connection(work, self.workspace.config.storage.memory_limit)
         try:
             for _ in range(COMMIT_ATTEMPTS):
                 current = self.catalog.current_versions(list(audience_ids.values()))
-                diff = compute_diff(con, self.lake, record.import_id, semantics,
-                                    self.lake.validated_rows(record.import_id), audience_ids, current,
-                                    record.received_at)
+                stale = self._stale(con, rows_path, audience_ids, current)
+                if stale:
+                    return self.catalog.finish_import(
+                        record.import_id, ImportStatus.SKIPPED,
+                        Outcome(users_sha256=summary.users_sha256 if summary else None, qualified=0,
+                                disqualified=0),
+                        error=stale)
+                diff = compute_diff(con, self.lake, record.import_id, semantics, rows_path, audience_ids,
+                                    current, record.received_at)
                 outcome = Outcome(
-                    rows_total=summary.rows_total, rows_valid=summary.rows_valid,
-                    rows_rejected=summary.rows_rejected, duplicates=summary.rows_valid - diff.pairs,
-                    unmatched=summary.unmatched, qualified=diff.qualified, disqualified=diff.disqualified,
-                    members=diff.members, audiences=summary.audiences, users_sha256=summary.users_sha256,
+                    rows_total=summary.rows_total if summary else 0,
+                    rows_valid=summary.rows_valid if summary else 0,
+                    rows_rejected=summary.rows_rejected if summary else 0,
+                    duplicates=summary.rows_valid - diff.pairs if summary else 0,
+                    unmatched=summary.unmatched if summary else 0,
+                    qualified=diff.qualified, disqualified=diff.disqualified, members=diff.members,
+                    noops=diff.noops, audiences=tuple(audience_ids),
+                    users_sha256=summary.users_sha256 if summary else None,
                 )
                 expected = {a: (current[a].version if a in current else None) for a in audience_ids.values()}
                 if self.catalog.commit_versions(record, expected, diff.versions, outcome):
@@ -233,3 +249,38 @@ class ImportService:
         if self.lake.remote is not None:
             self.lake.trim_cache(self.catalog.current_member_files(), self.workspace.config.storage.cache_max_bytes)
         return self.catalog.get_import(record.import_id)
+
+    @staticmethod
+    def _stale(con, rows_path: Path, audience_ids: dict[str, int], current: dict) -> str | None:
+        """Why the file is older than what is applied (a late, out-of-order delivery), or None."""
+        for key, listed_at in list_times(con, rows_path).items():
+            applied = current.get(audience_ids[key])
+            if applied is not None and applied.list_time is not None and listed_at < applied.list_time:
+                return (f"stale: the list of {key!r} is from {listed_at.isoformat()}, older than the applied list "
+                        f"from {applied.list_time.isoformat()}")
+        return None
+
+    # -- expiry -------------------------------------------------------------------------------------
+    def sweep_expired(self, at: datetime | None = None) -> list[ImportRecord]:
+        """Commit, per feed, one import that removes every membership expired by ``at`` (default now), with
+        disqualify events at each membership's own expires_at, so consumers of events see the removal."""
+        at = at or datetime.now(UTC)
+        due = self.catalog.expiry_due(at)
+        records = []
+        for feed in sorted({f for _, f, _ in due}):
+            audience_ids = {name: audience_id for audience_id, f, name in due if f == feed}
+            record = self.catalog.begin_import(
+                partition_key=f"{feed}:expiry:{at.strftime('%Y%m%dT%H%M%S')}", delivery=f"expiry:{at.isoformat()}",
+                feed=feed, source_uri="expiry sweep", file_name="(expiry sweep)", sha256=None, size_bytes=None,
+                semantics=Semantics.INCREMENTAL.value, run_id=None, received_at=at,
+            )
+            if record.finished:
+                records.append(record)
+                continue
+            empty = self.lake.staging(f"expiry_{record.import_id}.parquet")
+            empty_rows(empty)
+            try:
+                records.append(self._commit(record, Semantics.INCREMENTAL, empty, audience_ids, None))
+            finally:
+                empty.unlink(missing_ok=True)
+        return records

@@ -57,6 +57,7 @@ class CanonicalRows(pa.DataFrameModel):
     action: str = pa.Field(nullable=False, isin=[a.value for a in Action])
     expires_at: pl.Datetime(time_zone="UTC") = pa.Field(nullable=True)  # type: ignore[valid-type]
     data_bag: str = pa.Field(nullable=True)
+    observed_at: pl.Datetime(time_zone="UTC") = pa.Field(nullable=True)  # type: ignore[valid-type]
     source_line: pl.Int64 = pa.Field(nullable=False, ge=1)
 
     class Config:

@@ -47,7 +47,7 @@ def poll_feed(feed_name: str, feed: FeedConfig, source: DropSource, cursor: Curs
     accepted, ignored, listed = [], [], 0
     for obj in source.list():
         listed += 1
-        if fmt.accepts(obj.name):
+        if fmt.accepts(obj.name, feed):
             accepted.append(obj)
         else:
             ignored.append(obj.key)

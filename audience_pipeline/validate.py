@@ -6,6 +6,7 @@ Everything row-level runs inside DuckDB; Python only sees counts and the first f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -41,13 +42,19 @@ class ValidationResult:
 
 
 def precheck(raw_path: Path, file_name: str, feed: FeedConfig) -> None:
-    """Whole-file refusals that need no parsing: empty, too large, binary."""
+    """Whole-file refusals that need no parsing: empty, too large."""
     size = raw_path.stat().st_size
     if size == 0:
         raise FileRejected(f"{file_name}: empty file")
     if size > feed.max_file_bytes:
         raise FileRejected(f"{file_name}: {size} bytes is over the feed's limit of {feed.max_file_bytes} bytes")
-    with open(raw_path, "rb") as fh:
+
+
+def precheck_text(text_path: Path, file_name: str) -> None:
+    """The file as text (after decompression): not empty, not binary."""
+    if text_path.stat().st_size == 0:
+        raise FileRejected(f"{file_name}: empty file")
+    with open(text_path, "rb") as fh:
         head = fh.read(SNIFF_BYTES)
     nul = head.find(b"\x00")
     if nul >= 0:
@@ -69,17 +76,25 @@ def validate_file(
     rows_path: Path,
     rejected_path: Path,
     work_dir: Path,
+    received_at: datetime,
 ) -> ValidationResult:
     precheck(raw_path, file_name, feed)
     fmt = get_format(feed.format)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    text_path = fmt.decode(raw_path, file_name, feed, work_dir)
+    precheck_text(text_path, file_name)
+    mappings = {t: feed.registry_mapping(t) for t in fmt.identifier_types(feed)}
+    hashed_types = sorted(t for t, m in mappings.items() if m.hash)
     try:
-        parse_sql, parse_params = fmt.parse_query(raw_path, file_name, feed, work_dir)
+        parse_sql, parse_params = fmt.parse_query(text_path, file_name, feed, work_dir, received_at)
     except pl.exceptions.PolarsError as exc:
         raise FileRejected(f"{file_name}: cannot be read as text: {str(exc).splitlines()[0]}") from exc
 
     rules = feed.ids
     checks_sql = f"""
-        SELECT p.*, coalesce(
+        SELECT p.* REPLACE (CASE WHEN list_contains($hashed_types, p.identifier_type) THEN lower(p.identifier)
+                                 ELSE p.identifier END AS identifier),
+               coalesce(
             p.reject_reason,
             CASE
                 WHEN regexp_matches(p.identifier, $control_chars) THEN $r_control
@@ -94,15 +109,16 @@ def validate_file(
         "control_chars": CONTROL_CHARACTERS, "r_control": REJECT_CONTROL,
         "min_length": rules.min_length, "r_too_short": REJECT_TOO_SHORT,
         "max_length": rules.max_length, "r_too_long": REJECT_TOO_LONG,
-        "pattern": rules.pattern, "r_pattern": REJECT_PATTERN,
+        "pattern": rules.pattern, "r_pattern": REJECT_PATTERN, "hashed_types": hashed_types,
     }
     if users is not None:
-        lookup_sql, lookup_params = users.lookup_query(con, feed.identifier)
+        lookup_sql, lookup_params = users.lookup_query(con, mappings)
         resolved_sql = f"""
             SELECT c.*, u.user_id,
                    coalesce(c.reason, CASE WHEN u.user_id IS NULL THEN $r_unmatched END) AS final_reason
             FROM ({checks_sql}) c
-            LEFT JOIN ({lookup_sql}) u ON u.identifier = c.identifier AND c.reason IS NULL
+            LEFT JOIN ({lookup_sql}) u
+              ON u.identifier_type = c.identifier_type AND u.identifier = c.identifier AND c.reason IS NULL
         """
         params = params | lookup_params | {"r_unmatched": REJECT_UNMATCHED}
     else:
@@ -116,7 +132,7 @@ def validate_file(
         copy_to_parquet(
             con,
             f"""SELECT audience_key, identifier_type, identifier, user_id, action, expires_at, data_bag,
-                       source_line::BIGINT AS source_line
+                       observed_at, source_line::BIGINT AS source_line
                 FROM ({resolved_sql}) WHERE final_reason IS NULL""",
             params,
             rows_path,

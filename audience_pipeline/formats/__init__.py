@@ -3,9 +3,11 @@
 A format module provides:
 
 - ``NAME``: the value of ``feeds.<feed>.format`` that selects it;
-- ``accepts(file_name) -> bool``: whether a landed object is a file of this format (others are ignored);
+- ``accepts(file_name, feed) -> bool``: whether a landed object is a file of this format (others are ignored);
 - ``semantics(feed) -> Semantics``: how the parsed rows apply to the audiences they name;
-- ``parse_query(raw_path, file_name, feed, work_dir) -> (sql, params)``: one DuckDB SELECT producing the
+- ``identifier_types(feed) -> list[str]``: the identifier types its rows can carry (registry resolution);
+- ``decode(raw_path, file_name, feed, work_dir) -> Path``: the file as text (e.g. gunzipped, capped);
+- ``parse_query(text_path, file_name, feed, work_dir, received_at) -> (sql, params)``: one DuckDB SELECT producing the
   parsed rows with the columns in ``PARSED_COLUMNS``; a row the format itself cannot use carries a
   ``reject_reason``. It may write intermediate files into ``work_dir``. Its parameters are named
   (``$<format>_<name>``) so that queries can be nested without re-ordering.
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from audience_pipeline.formats import repro
+from audience_pipeline.formats import mediarithmics, odp, repro
+from audience_pipeline.formats.errors import FileRejected
 
 PARSED_COLUMNS = (
     "source_line",
@@ -29,14 +32,13 @@ PARSED_COLUMNS = (
     "action",
     "expires_at",
     "data_bag",
+    "observed_at",
     "reject_reason",
 )
 
-FORMATS: dict[str, ModuleType] = {repro.NAME: repro}
+__all__ = ["FORMATS", "PARSED_COLUMNS", "FileRejected", "get_format"]
 
-
-class FileRejected(Exception):
-    """The file as a whole cannot be imported; the message says which file, where and why."""
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (repro, odp, mediarithmics)}
 
 
 def get_format(name: str) -> ModuleType:

@@ -39,3 +39,27 @@ def write_numbered_lines(raw_path: Path, dest: Path) -> dict:
         .sink_parquet(dest, compression="lz4")
     )
     return {"lines_path": str(dest)}
+
+
+def write_csv_records(text_path: Path, dest: Path) -> tuple[dict, list[str]]:
+    """A CSV file with a header row as Parquet records: every field a string (names trimmed), plus
+    ``source_line`` (the header is line 1; blank lines keep their number as all-null rows), ``raw`` (the
+    fields joined by commas, for rejected rows) and ``all_null``. A quoted field spanning several lines
+    shifts the numbers after it, as it would in any CSV reader that counts records."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scan = pl.scan_csv(text_path, has_header=True, infer_schema=False, truncate_ragged_lines=True,
+                       encoding="utf8-lossy")
+    names = list(scan.collect_schema().names())
+    columns = [n.strip() for n in names]
+    fields = [pl.col(c) for c in columns]
+    (
+        scan.rename(dict(zip(names, columns, strict=True)))
+        .with_row_index("source_line", offset=2)
+        .with_columns(
+            pl.col("source_line").cast(pl.Int64),
+            pl.concat_str([f.fill_null("") for f in fields], separator=",").alias("raw"),
+            pl.all_horizontal([f.is_null() for f in fields]).alias("all_null"),
+        )
+        .sink_parquet(dest, compression="lz4")
+    )
+    return {"records_path": str(dest)}, columns

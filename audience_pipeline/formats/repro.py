@@ -16,7 +16,7 @@ NAME = "repro"
 SUFFIX = ".csv"
 
 
-def accepts(file_name: str) -> bool:
+def accepts(file_name: str, feed=None) -> bool:
     return file_name.lower().endswith(SUFFIX) and len(file_name) > len(SUFFIX)
 
 
@@ -28,7 +28,15 @@ def semantics(feed) -> Semantics:
     return Semantics.REPLACE
 
 
-def parse_query(raw_path: Path, file_name: str, feed, work_dir: Path) -> tuple[str, dict]:
+def identifier_types(feed) -> list[str]:
+    return [feed.identifier]
+
+
+def decode(raw_path: Path, file_name: str, feed, work_dir: Path) -> Path:
+    return raw_path
+
+
+def parse_query(raw_path: Path, file_name: str, feed, work_dir: Path, received_at) -> tuple[str, dict]:
     sql = f"""
         WITH lines AS ({NUMBERED_LINES}),
         trimmed AS (
@@ -43,6 +51,7 @@ def parse_query(raw_path: Path, file_name: str, feed, work_dir: Path) -> tuple[s
             'add' AS action,
             NULL::TIMESTAMPTZ AS expires_at,
             NULL::VARCHAR AS data_bag,
+            NULL::TIMESTAMPTZ AS observed_at,
             CASE
                 WHEN overflow IS NOT NULL THEN $repro_control
                 WHEN contains(value, $repro_replacement) THEN $repro_encoding

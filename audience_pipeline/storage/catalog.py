@@ -51,6 +51,7 @@ class ImportRecord:
     qualified: int | None
     disqualified: int | None
     members: int | None
+    noops: int | None
     audiences: list[str] | None
     error: str | None
     users_sha256: str | None
@@ -69,6 +70,7 @@ class CurrentVersion:
     version: int
     sha256: str
     users_sha256: str | None
+    list_time: datetime | None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class NewVersion:
     member_count: int
     qualified: int
     disqualified: int
+    next_expiry: datetime | None = None
+    list_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Outcome:
     qualified: int | None = None
     disqualified: int | None = None
     members: int | None = None
+    noops: int | None = None
     audiences: tuple[str, ...] = ()
     users_sha256: str | None = None
 
@@ -208,7 +213,7 @@ class Catalog:
         con.execute(
             sql.FINISH_IMPORT,
             [status, error, outcome.rows_total, outcome.rows_valid, outcome.rows_rejected, outcome.duplicates,
-             outcome.unmatched, outcome.qualified, outcome.disqualified, outcome.members,
+             outcome.unmatched, outcome.qualified, outcome.disqualified, outcome.members, outcome.noops,
              list(outcome.audiences), outcome.users_sha256, at, import_id],
         )
 
@@ -287,13 +292,19 @@ class Catalog:
                 con.execute(sql.CLOSE_VERSION, [now, v.audience_id])
                 con.execute(
                     sql.INSERT_VERSION,
-                    [v.audience_id, record.import_id, record.import_id, record.sha256, outcome.users_sha256,
-                     v.member_count, v.qualified, v.disqualified, now],
+                    [v.audience_id, record.import_id, record.import_id, record.sha256 or f"import:{record.import_id}",
+                     outcome.users_sha256, v.member_count, v.qualified, v.disqualified, now, v.list_time,
+                     v.next_expiry],
                 )
             self._finish(con, record.import_id, "succeeded", outcome, None, now)
         with self.session() as con:
             self.export_snapshot(con)
         return True
+
+    def expiry_due(self, at: datetime) -> list[tuple[int, str, str]]:
+        """(audience_id, feed, name) of every audience with a membership expired by ``at``."""
+        with self.session() as con:
+            return con.execute(sql.EXPIRY_DUE, [at]).fetchall()
 
     def current_member_files(self) -> set[Path]:
         with self.session() as con:

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS imports (
     qualified      BIGINT,
     disqualified   BIGINT,
     members        BIGINT,
+    noops          BIGINT,
     audiences      VARCHAR[],
     error          VARCHAR,
     users_sha256   VARCHAR,
@@ -50,6 +51,8 @@ CREATE TABLE IF NOT EXISTS audience_versions (
     disqualified   BIGINT NOT NULL,
     valid_from     TIMESTAMPTZ NOT NULL,
     valid_to       TIMESTAMPTZ,
+    list_time      TIMESTAMPTZ,
+    next_expiry    TIMESTAMPTZ,
     files_deleted  BOOLEAN NOT NULL DEFAULT false,
     PRIMARY KEY (audience_id, version)
 );
@@ -72,7 +75,7 @@ RETURNING import_id
 
 FINISH_IMPORT = """
 UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
-       unmatched = ?, qualified = ?, disqualified = ?, members = ?, audiences = ?, users_sha256 = ?,
+       unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, audiences = ?, users_sha256 = ?,
        finished_at = ?
 WHERE import_id = ? AND status = 'received'
 """
@@ -84,7 +87,7 @@ VALUES (nextval('audience_ids'), ?, ?, 'active', ?) RETURNING audience_id
 """
 
 CURRENT_VERSIONS = """
-SELECT audience_id, version, sha256, users_sha256 FROM audience_versions
+SELECT audience_id, version, sha256, users_sha256, list_time FROM audience_versions
 WHERE valid_to IS NULL AND list_contains(?, audience_id)
 """
 
@@ -102,8 +105,8 @@ FROM earlier e LEFT JOIN audience_versions c ON c.audience_id = e.audience_id AN
 CLOSE_VERSION = "UPDATE audience_versions SET valid_to = ? WHERE audience_id = ? AND valid_to IS NULL"
 INSERT_VERSION = """
 INSERT INTO audience_versions (audience_id, version, import_id, sha256, users_sha256, member_count, qualified,
-                               disqualified, valid_from)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                               disqualified, valid_from, list_time, next_expiry)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 EXPIRED_VERSIONS = """
@@ -120,7 +123,7 @@ FROM audience_versions v JOIN audiences a USING (audience_id)
 UNION ALL BY NAME
 SELECT 'import' AS record, import_id, feed, source_uri, file_name, sha256, size_bytes, semantics, status,
        rows_total, rows_valid, rows_rejected, duplicates, unmatched, qualified, disqualified, members,
-       audiences, error, users_sha256, run_id, received_at, finished_at
+       noops, audiences, error, users_sha256, run_id, received_at, finished_at
 FROM imports WHERE status <> 'received'
 """
 
@@ -142,4 +145,10 @@ GROUP BY partition_key
 HAVING bool_and(status <> 'received') AND max(coalesce(finished_at, received_at)) < ?
    AND partition_key NOT IN (SELECT i.partition_key FROM audience_versions v JOIN imports i USING (import_id)
                              WHERE v.valid_to IS NULL)
+"""
+
+# Audiences whose current list holds a membership that has expired by the given instant, with their feed.
+EXPIRY_DUE = """
+SELECT v.audience_id, a.feed, a.name FROM audience_versions v JOIN audiences a USING (audience_id)
+WHERE v.valid_to IS NULL AND v.next_expiry <= ? ORDER BY a.feed, v.audience_id
 """

@@ -1,0 +1,2 @@
+class FileRejected(Exception):
+    """The file as a whole cannot be imported; the message says which file, where and why."""
