@@ -31,9 +31,9 @@ class Env:
         path.write_bytes(content.encode() if isinstance(content, str) else content)
         return path
 
-    def import_file(self, name: str, content: str | bytes | None = None):
+    def import_file(self, name: str, content: str | bytes | None = None, feed: str = "repro"):
         path = self.drop_file(name, content) if content is not None else self.drop / name
-        return self.runner.import_file("repro", path)
+        return self.runner.import_file(feed, path)
 
     def query(self, sql: str, params=None) -> list[tuple]:
         """Through the analysts' views, on a separate read-only connection, as an analyst would."""
