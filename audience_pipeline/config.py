@@ -85,8 +85,23 @@ class IdentifierMapping(_Strict):
     hash: Literal["sha256", "md5"] | None = None
 
 
+class SftpOptions(_Strict):
+    """How to reach an sftp:// source. Secrets stay in the environment: these name the variables."""
+
+    known_hosts: str | None = None  # required: the server's host key is verified against this file
+    password_env: str | None = None
+    private_key_env: str | None = None  # the variable holds a key (PEM/OpenSSH text) or a key file path
+    # A file is imported once its mtime is this old, or at once when its marker file exists.
+    quiet_period_seconds: float = Field(default=120.0, ge=0)
+    marker_suffix: str | None = None
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+DEFAULT_POLL_SECONDS = {"attentive": 86400}
+
+
 class FeedConfig(_Strict):
-    format: Literal["repro", "odp", "mediarithmics"]
+    format: Literal["repro", "odp", "mediarithmics", "attentive", "loymax"]
     source: str
     # Which users-registry column the file's identifiers are looked up in; "user_id" means the IDs are user ids.
     identifier: str = "user_id"
@@ -98,7 +113,8 @@ class FeedConfig(_Strict):
     max_decompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
     # mediarithmics: ndjson or csv; auto chooses by the file suffix.
     file_type: Literal["auto", "ndjson", "csv"] = "auto"
-    poll_interval_seconds: int = Field(default=600, ge=5)
+    # Sensor minimum interval; default 600 s, and 24 h for Attentive (processed once a day).
+    poll_interval_seconds: int | None = Field(default=None, ge=5)
     max_file_bytes: int = Field(default=500 * 1024 * 1024, gt=0)
     max_reject_ratio: float = Field(default=0.05, ge=0, le=1)
     ids: IdentifierRules = IdentifierRules()
@@ -109,13 +125,29 @@ class FeedConfig(_Strict):
     cursor_lookback_seconds: float | None = Field(default=None, ge=0)
     max_runs_per_tick: int = Field(default=200, ge=1)
     s3: S3Options = S3Options()
+    sftp: SftpOptions = SftpOptions()
+    # Attentive: the customer domain in file names, what the identifiers are, and the phone region.
+    customer_domain: str | None = None
+    subscriber_type: Literal["phone", "email"] = "phone"
+    default_region: str = "US"
+    # Loymax: one audience for the whole file (single; named by `audience` or the file name) or an audience
+    # per row (per_row); files add customers (add), take them out (remove) or are full lists (replace).
+    mode: Literal["single", "per_row"] = "single"
+    audience: str | None = None
+    action: Literal["add", "remove", "replace"] = "add"
 
     @model_validator(mode="after")
     def _format_options(self) -> FeedConfig:
         if self.format == "odp" and not self.id_field:
             raise ValueError("an odp feed needs id_field, the header field of its identifier "
                              "(e.g. a_high_confidence_identifier)")
+        if self.format == "attentive" and not self.customer_domain:
+            raise ValueError("an attentive feed needs customer_domain, the prefix of its file names")
         return self
+
+    @property
+    def poll_seconds(self) -> int:
+        return self.poll_interval_seconds or DEFAULT_POLL_SECONDS.get(self.format, 600)
 
     def registry_mapping(self, identifier_type: str) -> IdentifierMapping:
         """The registry column (and hash) that identifiers of this type are looked up in."""

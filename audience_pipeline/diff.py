@@ -14,7 +14,6 @@ from pathlib import Path
 import duckdb
 
 from audience_pipeline.duck import copy_to_parquet
-from audience_pipeline.model import Semantics
 from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage.catalog import CurrentVersion, NewVersion
 from audience_pipeline.storage.lake import MEMBERS_SCHEMA, Lake
@@ -50,12 +49,13 @@ FROM read_parquet($rows)
 # membership before and after; the new lists and the events are all filters of it.
 #   was_member  in the previous list and not expired at the import's time
 #   lapsed      in the previous list but expired by then: it left at its expires_at (event at that instant)
-#   is_member   the file adds it (with an expiry still ahead), or leaves it untouched in an incremental file
+#   is_member   the file adds it (with an expiry still ahead), or leaves it untouched where untouched members
+#               stay (an incremental file, or another part of the same dated list)
 TRANSITIONS = """
 CREATE OR REPLACE TEMP TABLE transitions AS
 SELECT audience_id, user_id, was_member, lapsed, lapsed_at, source_line, expires_at, data_bag,
        CASE WHEN touched THEN action = 'add' AND coalesce(expires_at > $event_at, true)
-            ELSE $incremental AND NOT lapsed END AS is_member,
+            ELSE keep_untouched AND NOT lapsed END AS is_member,
        CASE WHEN was_member THEN qualified_at ELSE $event_at::TIMESTAMPTZ END AS qualified_at,
        touched AND action = 'remove' AND NOT was_member AS noop
 FROM (
@@ -69,8 +69,10 @@ FROM (
            p.qualified_at,
            CASE WHEN f.user_id IS NOT NULL THEN f.expires_at ELSE p.expires_at END AS expires_at,
            CASE WHEN f.user_id IS NOT NULL THEN f.data_bag ELSE p.data_bag END AS data_bag,
-           f.source_line
+           f.source_line,
+           m.keep_untouched
     FROM final_state f FULL OUTER JOIN previous p ON p.audience_id = f.audience_id AND p.user_id = f.user_id
+    JOIN audience_map m ON m.audience_id = coalesce(f.audience_id, p.audience_id)
 )
 """
 
@@ -129,16 +131,19 @@ def compute_diff(
     con: duckdb.DuckDBPyConnection,
     lake: Lake,
     import_id: int,
-    semantics: Semantics,
+    keep_untouched: dict[int, bool],
     rows_path: Path,
     audience_ids: dict[str, int],
     current: dict[int, CurrentVersion],
     event_at: datetime,
 ) -> DiffResult:
     """Write the new member list of every audience the file names (as version ``import_id``) and the
-    file's events, and return the counts. Re-running it for the same import rewrites the same files."""
-    con.execute("CREATE OR REPLACE TEMP TABLE audience_map (audience_key VARCHAR, audience_id BIGINT)")
-    con.executemany("INSERT INTO audience_map VALUES (?, ?)", [[k, v] for k, v in audience_ids.items()])
+    file's events, and return the counts. ``keep_untouched`` says, per audience, whether members the file
+    does not mention stay (incremental) or leave (a full list). Re-running it rewrites the same files."""
+    con.execute("CREATE OR REPLACE TEMP TABLE audience_map "
+                "(audience_key VARCHAR, audience_id BIGINT, keep_untouched BOOLEAN)")
+    con.executemany("INSERT INTO audience_map VALUES (?, ?, ?)",
+                    [[k, v, keep_untouched[v]] for k, v in audience_ids.items()])
 
     previous_files = [str(lake.members_file(a, cv.version)) for a, cv in current.items()
                       if lake.fetch(lake.members_file(a, cv.version))]
@@ -156,7 +161,7 @@ def compute_diff(
     (has_attributes,) = con.execute(HAS_ATTRIBUTES, params).fetchone()
     con.execute(FINAL_STATE if has_attributes else FINAL_STATE_ADDS_ONLY, params)
     (pairs,) = con.execute("SELECT count(*) FROM final_state").fetchone()
-    con.execute(TRANSITIONS, {"incremental": semantics == Semantics.INCREMENTAL, "event_at": event_at})
+    con.execute(TRANSITIONS, {"event_at": event_at})
 
     staged = lake.staging(f"import_{import_id}_members")
     if staged.exists():

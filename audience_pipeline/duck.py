@@ -35,7 +35,8 @@ def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, params: list | d
 CANONICAL_EMPTY = """
 SELECT NULL::VARCHAR AS audience_key, NULL::VARCHAR AS identifier_type, NULL::VARCHAR AS identifier,
        NULL::VARCHAR AS user_id, NULL::VARCHAR AS action, NULL::TIMESTAMPTZ AS expires_at,
-       NULL::VARCHAR AS data_bag, NULL::TIMESTAMPTZ AS observed_at, NULL::BIGINT AS source_line
+       NULL::VARCHAR AS data_bag, NULL::TIMESTAMPTZ AS observed_at, NULL::VARCHAR AS warning,
+       NULL::BIGINT AS source_line
 LIMIT 0
 """
 

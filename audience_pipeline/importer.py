@@ -49,6 +49,7 @@ class Summary:
     unmatched: int
     audiences: tuple[str, ...]
     users_sha256: str | None
+    warnings: int = 0
 
 
 class ImportService:
@@ -80,7 +81,7 @@ class ImportService:
         received_at = datetime.now(UTC)
         staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
         staged.parent.mkdir(parents=True, exist_ok=True)
-        source, key = source_for_uri(source_uri, self.s3_client(feed.s3) if self.s3_client else None)
+        source, key = source_for_uri(source_uri, self.s3_client(feed.s3) if self.s3_client else None, feed.sftp)
         # A sensor's delivery names the exact version it listed; read that one or learn it was replaced.
         listed_version = delivery.removeprefix("source:") if delivery.startswith("source:") else None
         digest_obj = hashlib.sha256()
@@ -107,6 +108,8 @@ class ImportService:
         except SourceError:
             staged.unlink(missing_ok=True)
             raise
+        finally:
+            source.close()
         sha256 = digest_obj.hexdigest()
         fmt = get_format(feed.format)
         record = self.catalog.begin_import(
@@ -179,7 +182,7 @@ class ImportService:
             con.close()
             shutil.rmtree(work, ignore_errors=True)
         summary = Summary(result.rows_total, result.rows_valid, result.rows_rejected, result.unmatched,
-                          result.audiences, users_sha)
+                          result.audiences, users_sha, result.warnings)
         tmp = summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(summary)))
         os.replace(tmp, summary_path)
@@ -207,24 +210,33 @@ class ImportService:
         feed = self.workspace.feed(record.feed)
         semantics = Semantics(get_format(feed.format).semantics(feed))
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
+        union_parts = getattr(get_format(feed.format), "UNION_SAME_LIST_TIME", False)
         return self._commit(record, semantics, self.lake.validated_rows(record.import_id), audience_ids,
-                            summary)
+                            summary, union_parts)
 
     def _commit(self, record: ImportRecord, semantics: Semantics, rows_path: Path, audience_ids: dict[str, int],
-                summary: Summary | None) -> ImportRecord:
+                summary: Summary | None, union_parts: bool = False) -> ImportRecord:
         work = self.lake.staging(f"work_{record.import_id}")
         con = work_connection(work, self.workspace.config.storage.memory_limit)
         try:
             for _ in range(COMMIT_ATTEMPTS):
                 current = self.catalog.current_versions(list(audience_ids.values()))
-                stale = self._stale(con, rows_path, audience_ids, current)
+                times = list_times(con, rows_path)
+                stale = self._stale(times, audience_ids, current)
                 if stale:
                     return self.catalog.finish_import(
                         record.import_id, ImportStatus.SKIPPED,
                         Outcome(users_sha256=summary.users_sha256 if summary else None, qualified=0,
                                 disqualified=0),
                         error=stale)
-                diff = compute_diff(con, self.lake, record.import_id, semantics, rows_path, audience_ids,
+                keep = {a: semantics == Semantics.INCREMENTAL for a in audience_ids.values()}
+                if union_parts:
+                    # another part of the list already applied: add to it rather than replace it
+                    for key, listed_at in times.items():
+                        applied = current.get(audience_ids[key])
+                        if applied is not None and applied.list_time == listed_at:
+                            keep[audience_ids[key]] = True
+                diff = compute_diff(con, self.lake, record.import_id, keep, rows_path, audience_ids,
                                     current, record.received_at)
                 outcome = Outcome(
                     rows_total=summary.rows_total if summary else 0,
@@ -233,7 +245,7 @@ class ImportService:
                     duplicates=summary.rows_valid - diff.pairs if summary else 0,
                     unmatched=summary.unmatched if summary else 0,
                     qualified=diff.qualified, disqualified=diff.disqualified, members=diff.members,
-                    noops=diff.noops, audiences=tuple(audience_ids),
+                    noops=diff.noops, warnings=summary.warnings if summary else 0, audiences=tuple(audience_ids),
                     users_sha256=summary.users_sha256 if summary else None,
                 )
                 expected = {a: (current[a].version if a in current else None) for a in audience_ids.values()}
@@ -251,9 +263,9 @@ class ImportService:
         return self.catalog.get_import(record.import_id)
 
     @staticmethod
-    def _stale(con, rows_path: Path, audience_ids: dict[str, int], current: dict) -> str | None:
+    def _stale(times: dict, audience_ids: dict[str, int], current: dict) -> str | None:
         """Why the file is older than what is applied (a late, out-of-order delivery), or None."""
-        for key, listed_at in list_times(con, rows_path).items():
+        for key, listed_at in times.items():
             applied = current.get(audience_ids[key])
             if applied is not None and applied.list_time is not None and listed_at < applied.list_time:
                 return (f"stale: the list of {key!r} is from {listed_at.isoformat()}, older than the applied list "

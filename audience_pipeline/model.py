@@ -58,6 +58,7 @@ class CanonicalRows(pa.DataFrameModel):
     expires_at: pl.Datetime(time_zone="UTC") = pa.Field(nullable=True)  # type: ignore[valid-type]
     data_bag: str = pa.Field(nullable=True)
     observed_at: pl.Datetime(time_zone="UTC") = pa.Field(nullable=True)  # type: ignore[valid-type]
+    warning: str = pa.Field(nullable=True)
     source_line: pl.Int64 = pa.Field(nullable=False, ge=1)
 
     class Config:

@@ -38,6 +38,7 @@ class ValidationResult:
     rows_valid: int
     rows_rejected: int
     unmatched: int
+    warnings: int
     audiences: tuple[str, ...]
 
 
@@ -132,7 +133,7 @@ def validate_file(
         copy_to_parquet(
             con,
             f"""SELECT audience_key, identifier_type, identifier, user_id, action, expires_at, data_bag,
-                       observed_at, source_line::BIGINT AS source_line
+                       observed_at, warning, source_line::BIGINT AS source_line
                 FROM ({resolved_sql}) WHERE final_reason IS NULL""",
             params,
             rows_path,
@@ -146,7 +147,8 @@ def validate_file(
         )
     except duckdb.Error as exc:
         raise _parse_error(file_name, exc) from exc
-    (valid,) = con.execute("SELECT count(*) FROM read_parquet(?)", [str(rows_path)]).fetchone()
+    valid, warnings = con.execute("SELECT count(*), count(warning) FROM read_parquet(?)",
+                                  [str(rows_path)]).fetchone()
     rejected, unmatched, counted = con.execute(
         """SELECT count(*), count(*) FILTER (WHERE reason = ?),
                   count(*) FILTER (WHERE NOT list_contains(?, reason))
@@ -181,5 +183,6 @@ def validate_file(
         rows_valid=valid,
         rows_rejected=rejected,
         unmatched=unmatched,
+        warnings=warnings,
         audiences=audiences,
     )

@@ -30,4 +30,5 @@ class AudienceWorkspace(dg.ConfigurableResource):
 
     def source(self, feed: str) -> DropSource:
         workspace = self.workspace()
-        return open_source(workspace.source_location(feed), self.s3_client_factory(workspace.feed(feed).s3))
+        options = workspace.feed(feed)
+        return open_source(workspace.source_location(feed), self.s3_client_factory(options.s3), options.sftp)

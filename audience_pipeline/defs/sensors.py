@@ -13,18 +13,21 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
         name=f"{feed_name}_audience_sensor",
         description=(
             f"Polls the {feed_name!r} feed's drop location ({feed.format} files) every "
-            f"{feed.poll_interval_seconds} s and requests one import run per new file version. Deleted "
+            f"{feed.poll_seconds} s and requests one import run per new file version. Deleted "
             "files leave their audience as it was."
         ),
         job=audience_import_job,
-        minimum_interval_seconds=feed.poll_interval_seconds,
+        minimum_interval_seconds=feed.poll_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
     def _sensor(context: dg.SensorEvaluationContext, audience_workspace: AudienceWorkspace):
         workspace = audience_workspace.workspace()
         try:
             source = audience_workspace.source(feed_name)
-            result = poll_feed(feed_name, workspace.feed(feed_name), source, Cursor.loads(context.cursor))
+            try:
+                result = poll_feed(feed_name, workspace.feed(feed_name), source, Cursor.loads(context.cursor))
+            finally:
+                source.close()
         except SourceError as exc:
             return dg.SkipReason(f"drop location not readable: {exc}")
         if result.anomaly:

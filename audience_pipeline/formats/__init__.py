@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from audience_pipeline.formats import mediarithmics, odp, repro
+from audience_pipeline.formats import attentive, loymax, mediarithmics, odp, repro
 from audience_pipeline.formats.errors import FileRejected
 
 PARSED_COLUMNS = (
@@ -33,12 +33,13 @@ PARSED_COLUMNS = (
     "expires_at",
     "data_bag",
     "observed_at",
+    "warning",
     "reject_reason",
 )
 
 __all__ = ["FORMATS", "PARSED_COLUMNS", "FileRejected", "get_format"]
 
-FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (repro, odp, mediarithmics)}
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (repro, odp, mediarithmics, attentive, loymax)}
 
 
 def get_format(name: str) -> ModuleType:

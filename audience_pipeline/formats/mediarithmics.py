@@ -94,6 +94,7 @@ COMMANDS = """
            END AS expires_at,
            data_bag,
            NULL::TIMESTAMPTZ AS observed_at,
+           NULL::VARCHAR AS warning,
            CASE
                WHEN blank THEN 'blank_line'
                WHEN bad_json THEN 'invalid_json'

@@ -71,6 +71,7 @@ def parse_query(text_path: Path, file_name: str, feed, work_dir: Path, received_
                NULL::TIMESTAMPTZ AS expires_at,
                NULL::VARCHAR AS data_bag,
                to_timestamp(TRY_CAST(ts_text AS BIGINT)) AS observed_at,
+               NULL::VARCHAR AS warning,
                CASE
                    WHEN all_null THEN 'blank_line'
                    WHEN kind <> 'passthrough' THEN 'unsupported_type'

@@ -52,6 +52,7 @@ def parse_query(raw_path: Path, file_name: str, feed, work_dir: Path, received_a
             NULL::TIMESTAMPTZ AS expires_at,
             NULL::VARCHAR AS data_bag,
             NULL::TIMESTAMPTZ AS observed_at,
+            NULL::VARCHAR AS warning,
             CASE
                 WHEN overflow IS NOT NULL THEN $repro_control
                 WHEN contains(value, $repro_replacement) THEN $repro_encoding

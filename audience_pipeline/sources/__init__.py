@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,15 @@ from urllib.parse import unquote, urlparse
 from audience_pipeline.sources.base import DropSource, SourceChanged, SourceError, SourceObject
 from audience_pipeline.sources.local import LocalDropSource
 from audience_pipeline.sources.s3 import S3DropSource, parse_s3_uri
+from audience_pipeline.sources.sftp import SftpDropSource, parse_sftp_uri
 
 S3ClientFactory = Callable[[], Any]
 
 
-def open_source(location: str, s3_client: S3ClientFactory | None = None) -> DropSource:
-    """The drop source for a feed's (resolved) source location."""
+def open_source(location: str, s3_client: S3ClientFactory | None = None, sftp=None) -> DropSource:
+    """The drop source for a feed's (resolved) source location; ``sftp`` is the feed's SFTP options."""
+    if location.startswith("sftp://"):
+        return SftpDropSource(location, sftp)
     if location.startswith("s3://"):
         if s3_client is None:
             raise SourceError(f"{location}: no S3 client configured")
@@ -25,8 +29,12 @@ def open_source(location: str, s3_client: S3ClientFactory | None = None) -> Drop
     return LocalDropSource(location.removeprefix("file://"))
 
 
-def source_for_uri(uri: str, s3_client: S3ClientFactory | None = None) -> tuple[DropSource, str]:
+def source_for_uri(uri: str, s3_client: S3ClientFactory | None = None, sftp=None) -> tuple[DropSource, str]:
     """The source and key that re-open an object from its URI (as recorded on a delivery)."""
+    if uri.startswith("sftp://"):
+        user, host, port, path = parse_sftp_uri(uri)
+        folder, name = posixpath.split(path)
+        return SftpDropSource(f"sftp://{user}@{host}:{port}{folder}", sftp), name
     if uri.startswith("file://"):
         path = Path(unquote(urlparse(uri).path))
         return LocalDropSource(path.parent), path.name
@@ -39,6 +47,6 @@ def source_for_uri(uri: str, s3_client: S3ClientFactory | None = None) -> tuple[
 
 
 __all__ = [
-    "S3ClientFactory", "DropSource", "LocalDropSource", "S3DropSource", "SourceChanged", "SourceError", "SourceObject",
-    "open_source", "source_for_uri",
+    "DropSource", "LocalDropSource", "S3ClientFactory", "S3DropSource", "SftpDropSource", "SourceChanged",
+    "SourceError", "SourceObject", "open_source", "source_for_uri",
 ]

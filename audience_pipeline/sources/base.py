@@ -47,6 +47,10 @@ class DropSource(Protocol):
         version it belongs to."""
         ...
 
+    def close(self) -> None:
+        """Release connections (SFTP); a no-op for stateless sources."""
+        ...
+
     def open(self, key: str, version: str | None = None) -> AbstractContextManager[tuple[BinaryIO, SourceObject]]:
         """The object's content as a binary stream. With ``version``, exactly that version, or
         :class:`SourceChanged` if it is no longer there."""

@@ -34,6 +34,9 @@ class LocalDropSource:
             uri=path.resolve().as_uri(),
         )
 
+    def close(self) -> None:
+        return None
+
     def list(self) -> Iterator[SourceObject]:
         if not self.root.is_dir():
             raise SourceError(f"drop folder {self.root} does not exist")

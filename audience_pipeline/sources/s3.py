@@ -45,6 +45,9 @@ class S3DropSource:
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def close(self) -> None:
+        return None
+
     def list(self) -> Iterator[SourceObject]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:

@@ -52,6 +52,7 @@ class ImportRecord:
     disqualified: int | None
     members: int | None
     noops: int | None
+    warnings: int | None
     audiences: list[str] | None
     error: str | None
     users_sha256: str | None
@@ -96,6 +97,7 @@ class Outcome:
     disqualified: int | None = None
     members: int | None = None
     noops: int | None = None
+    warnings: int | None = None
     audiences: tuple[str, ...] = ()
     users_sha256: str | None = None
 
@@ -214,7 +216,7 @@ class Catalog:
             sql.FINISH_IMPORT,
             [status, error, outcome.rows_total, outcome.rows_valid, outcome.rows_rejected, outcome.duplicates,
              outcome.unmatched, outcome.qualified, outcome.disqualified, outcome.members, outcome.noops,
-             list(outcome.audiences), outcome.users_sha256, at, import_id],
+             outcome.warnings, list(outcome.audiences), outcome.users_sha256, at, import_id],
         )
 
     # -- audiences ---------------------------------------------------------------------------------

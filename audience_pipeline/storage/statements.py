@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS imports (
     disqualified   BIGINT,
     members        BIGINT,
     noops          BIGINT,
+    warnings       BIGINT,
     audiences      VARCHAR[],
     error          VARCHAR,
     users_sha256   VARCHAR,
@@ -75,8 +76,8 @@ RETURNING import_id
 
 FINISH_IMPORT = """
 UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
-       unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, audiences = ?, users_sha256 = ?,
-       finished_at = ?
+       unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, warnings = ?, audiences = ?,
+       users_sha256 = ?, finished_at = ?
 WHERE import_id = ? AND status = 'received'
 """
 
@@ -123,7 +124,7 @@ FROM audience_versions v JOIN audiences a USING (audience_id)
 UNION ALL BY NAME
 SELECT 'import' AS record, import_id, feed, source_uri, file_name, sha256, size_bytes, semantics, status,
        rows_total, rows_valid, rows_rejected, duplicates, unmatched, qualified, disqualified, members,
-       noops, audiences, error, users_sha256, run_id, received_at, finished_at
+       noops, warnings, audiences, error, users_sha256, run_id, received_at, finished_at
 FROM imports WHERE status <> 'received'
 """
 

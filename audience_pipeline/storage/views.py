@@ -34,7 +34,7 @@ def view_statements(lake: Lake) -> list[str]:
         f"""CREATE VIEW imports AS
             SELECT import_id, feed, source_uri, file_name, sha256, status, rows_total, rows_valid, rows_rejected,
                    duplicates, unmatched, qualified, disqualified, error, received_at, finished_at,
-                   size_bytes, semantics, members, noops, audiences AS audience_names, users_sha256, run_id
+                   size_bytes, semantics, members, noops, warnings, audiences AS audience_names, users_sha256, run_id
             FROM {snapshot} WHERE record = 'import'""",
         f"""CREATE VIEW audiences AS
             SELECT audience_id,
