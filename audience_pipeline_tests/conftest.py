@@ -117,3 +117,53 @@ def _keep_cwd():
     cwd = os.getcwd()
     yield
     os.chdir(cwd)
+
+
+@pytest.fixture
+def sftp_server(tmp_path, monkeypatch):
+    """A real SFTP server (asyncssh) on loopback with a generated host key, password authentication and a
+    chroot; the client side is the project's paramiko source, host key pinned in a known_hosts file."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    import asyncssh
+
+    root = tmp_path / "sftp_root"
+    (root / "uploads").mkdir(parents=True)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    port = free_port()
+    password = "pw-Attentive-7f3a"
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username):
+            return True
+
+        def password_auth_supported(self):
+            return True
+
+        def validate_password(self, username, supplied):
+            return username == "attentive" and supplied == password
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        return await asyncssh.listen(
+            "127.0.0.1", port, server_host_keys=[host_key], server_factory=Server,
+            sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(root)),
+        )
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key.export_public_key('openssh').decode().strip()}\n")
+    monkeypatch.setenv("ATTENTIVE_SFTP_PASSWORD", password)
+    try:
+        yield SimpleNamespace(root=root, uploads=root / "uploads", port=port, known_hosts=known_hosts,
+                              password=password, location=f"sftp://attentive@127.0.0.1:{port}/uploads")
+    finally:
+        server.close()
+        asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
