@@ -240,6 +240,23 @@ def rejects(import_id: int, limit: int, config: str | None) -> None:
         [import_id, limit])))
 
 
+@main.command("delete-audience")
+@click.argument("name")
+@click.option("--feed", required=True, help="The feed the audience belongs to.")
+@config_option
+def delete_audience(name: str, feed: str, config: str | None) -> None:
+    """Delete audience NAME: disqualify every member (with events) and refuse its name from then on."""
+    workspace = _workspace(config)
+    runner = _runner(workspace)
+    try:
+        record = runner.service.delete_audience(feed, name)
+    except (LookupError, ConfigError) as exc:
+        raise CliError(str(exc)) from None
+    if record.status != "succeeded":
+        raise CliError(f"deleting {name!r} failed: {record.error}")
+    console.print(f"deleted {name!r} ({feed}): {record.disqualified} members disqualified, import {record.import_id}")
+
+
 @main.command()
 @click.option("--replace", is_flag=True, help="Rewrite the file (no analyst may have it open).")
 @config_option

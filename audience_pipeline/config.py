@@ -124,6 +124,8 @@ class FeedConfig(_Strict):
     # an upload).
     cursor_lookback_seconds: float | None = Field(default=None, ge=0)
     max_runs_per_tick: int = Field(default=200, ge=1)
+    # Repro's "audience limits set for each project": a file that would create one more audience fails.
+    max_audiences: int | None = Field(default=None, ge=1)
     s3: S3Options = S3Options()
     sftp: SftpOptions = SftpOptions()
     # Attentive: the customer domain in file names, what the identifiers are, and the phone region.

@@ -22,7 +22,7 @@ from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
 from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, source_for_uri
-from audience_pipeline.storage.catalog import Catalog, ImportRecord, Outcome
+from audience_pipeline.storage.catalog import Catalog, CommitRefused, ImportRecord, Outcome
 from audience_pipeline.storage.lake import Lake
 from audience_pipeline.storage.remote import RemoteStore
 from audience_pipeline.users import RegistryError, UsersRegistry
@@ -215,7 +215,7 @@ class ImportService:
                             summary, union_parts)
 
     def _commit(self, record: ImportRecord, semantics: Semantics, rows_path: Path, audience_ids: dict[str, int],
-                summary: Summary | None, union_parts: bool = False) -> ImportRecord:
+                summary: Summary | None, union_parts: bool = False, delete: bool = False) -> ImportRecord:
         work = self.lake.staging(f"work_{record.import_id}")
         con = work_connection(work, self.workspace.config.storage.memory_limit)
         try:
@@ -249,7 +249,13 @@ class ImportService:
                     users_sha256=summary.users_sha256 if summary else None,
                 )
                 expected = {a: (current[a].version if a in current else None) for a in audience_ids.values()}
-                if self.catalog.commit_versions(record, expected, diff.versions, outcome):
+                try:
+                    committed = self.catalog.commit_versions(
+                        record, expected, diff.versions, outcome,
+                        max_audiences=self.workspace.feed(record.feed).max_audiences, delete=delete)
+                except CommitRefused as exc:
+                    self._fail(record, f"{record.file_name}: {exc}")
+                if committed:
                     break
             else:
                 self._fail(record, f"another import kept changing these audiences; gave up after "
@@ -271,6 +277,29 @@ class ImportService:
                 return (f"stale: the list of {key!r} is from {listed_at.isoformat()}, older than the applied list "
                         f"from {applied.list_time.isoformat()}")
         return None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def delete_audience(self, feed: str, name: str) -> ImportRecord:
+        """Disqualify every member with events and mark the audience deleted; a file naming it later fails
+        (Repro: a deleted audience's name cannot be re-created). Recorded as an import of its own."""
+        self.workspace.feed(feed)
+        audience_id = self.catalog.find_audience(feed, name)
+        if audience_id is None:
+            raise LookupError(f"no audience {name!r} in feed {feed!r}")
+        at = datetime.now(UTC)
+        record = self.catalog.begin_import(
+            partition_key=f"{feed}:delete:{audience_id}", delivery=f"delete:{audience_id}", feed=feed,
+            source_uri="delete-audience", file_name="(delete audience)", sha256=None, size_bytes=None,
+            semantics=Semantics.REPLACE.value, run_id=None, received_at=at,
+        )
+        if record.finished:
+            return record
+        empty = self.lake.staging(f"delete_{record.import_id}.parquet")
+        empty_rows(empty)
+        try:
+            return self._commit(record, Semantics.REPLACE, empty, {name: audience_id}, None, delete=True)
+        finally:
+            empty.unlink(missing_ok=True)
 
     # -- expiry -------------------------------------------------------------------------------------
     def sweep_expired(self, at: datetime | None = None) -> list[ImportRecord]:

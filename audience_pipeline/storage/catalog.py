@@ -27,6 +27,10 @@ from audience_pipeline.storage.lake import Lake
 SNAPSHOT_GRACE_SECONDS = 600
 
 
+class CommitRefused(Exception):
+    """The import breaks an audience rule (limit reached, deleted name); nothing was committed."""
+
+
 class CatalogBusy(RuntimeError):
     """Another process held the catalog for longer than the configured lock timeout."""
 
@@ -233,6 +237,11 @@ class Catalog:
                 ids[name] = row[0]
         return ids
 
+    def find_audience(self, feed: str, name: str) -> int | None:
+        with self.session() as con:
+            row = con.execute(sql.FIND_AUDIENCE, [feed, name]).fetchone()
+        return row[0] if row else None
+
     def current_versions(self, audience_ids: list[int]) -> dict[int, CurrentVersion]:
         with self.session() as con:
             return self._current(con, audience_ids)
@@ -278,18 +287,33 @@ class Catalog:
         expected: dict[int, int | None],
         versions: list[NewVersion],
         outcome: Outcome,
+        max_audiences: int | None = None,
+        delete: bool = False,
     ) -> bool:
         """Apply new audience versions and close the import, in one transaction, then publish.
 
         ``expected`` maps each audience to the version the diff was computed against; if another run
         committed one of them in between, nothing is written and False is returned so the caller diffs
-        again against the new state.
+        again against the new state. The audience rules are checked in the same transaction:
+        :class:`CommitRefused` when a deleted audience is named or the feed's audience limit would be
+        passed. With ``delete``, the audiences are marked deleted (their empty versions are the removal).
         """
         with self.transaction() as con:
             current = self._current(con, list(expected))
             if any((current[a].version if a in current else None) != v for a, v in expected.items()):
                 return False
+            for name, status in con.execute(sql.AUDIENCE_STATUS, [list(expected)]).fetchall():
+                if status == "deleted":
+                    raise CommitRefused(f"audience {name!r} was deleted; a deleted name cannot be re-created")
+            new = [a for a in expected if a not in current]
+            if max_audiences is not None and new:
+                (active,) = con.execute(sql.ACTIVE_AUDIENCES, [record.feed]).fetchone()
+                if active + len(new) > max_audiences:
+                    raise CommitRefused(f"audience limit {max_audiences} reached (feed {record.feed!r} has "
+                                        f"{active}; this file would add {len(new)})")
             now = _now(con)
+            if delete:
+                con.execute(sql.MARK_DELETED, [list(expected)])
             for v in versions:
                 con.execute(sql.CLOSE_VERSION, [now, v.audience_id])
                 con.execute(

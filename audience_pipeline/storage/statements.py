@@ -153,3 +153,11 @@ EXPIRY_DUE = """
 SELECT v.audience_id, a.feed, a.name FROM audience_versions v JOIN audiences a USING (audience_id)
 WHERE v.valid_to IS NULL AND v.next_expiry <= ? ORDER BY a.feed, v.audience_id
 """
+
+AUDIENCE_STATUS = "SELECT name, status FROM audiences WHERE list_contains(?, audience_id)"
+ACTIVE_AUDIENCES = """
+SELECT count(*) FROM audiences a
+WHERE a.feed = ? AND a.status = 'active'
+  AND EXISTS (SELECT 1 FROM audience_versions v WHERE v.audience_id = a.audience_id AND v.valid_to IS NULL)
+"""
+MARK_DELETED = "UPDATE audiences SET status = 'deleted' WHERE list_contains(?, audience_id)"
