@@ -60,6 +60,9 @@ def _table(title: str, cur: duckdb.DuckDBPyConnection) -> Table:
 
 
 def _outcome_line(record: ImportRecord) -> str:
+    if record.status in ("held", "waiting", "dry_run"):
+        return (f"[yellow]{record.status}[/yellow] {record.file_name}: would qualify {record.qualified}, "
+                f"disqualify {record.disqualified}; {record.error}")
     if record.status == "failed":
         return f"[red]failed[/red]    {record.file_name}: {record.error}"
     if record.status == "skipped":
@@ -98,8 +101,9 @@ def init(directory: Path) -> None:
 @main.command("import")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--feed", required=True, help="Feed whose format and rules apply to the files.")
+@click.option("--dry-run", is_flag=True, help="Compute the diff and the removal gate's verdict; apply nothing.")
 @config_option
-def import_(files: tuple[Path, ...], feed: str, config: str | None) -> None:
+def import_(files: tuple[Path, ...], feed: str, dry_run: bool, config: str | None) -> None:
     """Import FILES now, as the feed's sensor would (runs show in the Dagster UI)."""
     workspace = _workspace(config)
     try:
@@ -113,7 +117,7 @@ def import_(files: tuple[Path, ...], feed: str, config: str | None) -> None:
         started = time.monotonic()
         with console.status(f"importing {path} ...", spinner="dots"):
             try:
-                record = runner.import_file(feed, path)
+                record = runner.import_file(feed, path, dry_run=dry_run)
             except (FileNotFoundError, RuntimeError) as exc:
                 raise CliError(str(exc)) from None
         console.print(f"import {record.import_id}: {_outcome_line(record)} [{time.monotonic() - started:.1f} s]")
@@ -255,6 +259,47 @@ def delete_audience(name: str, feed: str, config: str | None) -> None:
     if record.status != "succeeded":
         raise CliError(f"deleting {name!r} failed: {record.error}")
     console.print(f"deleted {name!r} ({feed}): {record.disqualified} members disqualified, import {record.import_id}")
+
+
+@main.command()
+@click.argument("import_id", type=int)
+@config_option
+def approve(import_id: int, config: str | None) -> None:
+    """Apply held import IMPORT_ID now (and the imports queued behind it)."""
+    runner = _runner(_workspace(config))
+    try:
+        record = runner.service.approve(import_id)
+    except (ValueError, KeyError) as exc:
+        raise CliError(str(exc).strip("'")) from None
+    console.print(f"import {record.import_id}: {_outcome_line(record)}")
+
+
+@main.command()
+@click.argument("import_id", type=int)
+@config_option
+def reject(import_id: int, config: str | None) -> None:
+    """Drop held import IMPORT_ID: nothing of it is applied."""
+    runner = _runner(_workspace(config))
+    try:
+        record = runner.service.reject(import_id)
+    except (ValueError, KeyError) as exc:
+        raise CliError(str(exc).strip("'")) from None
+    console.print(f"import {record.import_id}: {record.status}")
+
+
+@main.command()
+@click.argument("import_id", type=int)
+@config_option
+def reimport(import_id: int, config: str | None) -> None:
+    """Apply the list of earlier import IMPORT_ID again (a rollback), as a new import through the gate."""
+    runner = _runner(_workspace(config))
+    try:
+        record = runner.reimport(import_id)
+    except (ValueError, KeyError) as exc:
+        raise CliError(str(exc).strip("'")) from None
+    console.print(f"import {record.import_id}: {_outcome_line(record)}")
+    if record.status == "failed":
+        raise CliError(f"{record.file_name}: {record.error}")
 
 
 @main.command()

@@ -97,6 +97,15 @@ class SftpOptions(_Strict):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+class GateConfig(_Strict):
+    """The removal gate: an import that would remove more than ``max_removed`` members AND more than
+    ``max_removed_share`` of an audience is held for approval (both: a share alone blocks tiny audiences,
+    a count alone misses big ones). A full list that would empty an audience with members is always held."""
+
+    max_removed: int | None = Field(default=None, ge=0)
+    max_removed_share: float | None = Field(default=None, ge=0, le=1)
+
+
 DEFAULT_POLL_SECONDS = {"attentive": 86400}
 
 
@@ -126,6 +135,7 @@ class FeedConfig(_Strict):
     max_runs_per_tick: int = Field(default=200, ge=1)
     # Repro's "audience limits set for each project": a file that would create one more audience fails.
     max_audiences: int | None = Field(default=None, ge=1)
+    gate: GateConfig = GateConfig()
     s3: S3Options = S3Options()
     sftp: SftpOptions = SftpOptions()
     # Attentive: the customer domain in file names, what the identifiers are, and the phone region.

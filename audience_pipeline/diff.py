@@ -142,8 +142,9 @@ def compute_diff(
     does not mention stay (incremental) or leave (a full list). Re-running it rewrites the same files."""
     con.execute("CREATE OR REPLACE TEMP TABLE audience_map "
                 "(audience_key VARCHAR, audience_id BIGINT, keep_untouched BOOLEAN)")
-    con.executemany("INSERT INTO audience_map VALUES (?, ?, ?)",
-                    [[k, v, keep_untouched[v]] for k, v in audience_ids.items()])
+    if audience_ids:
+        con.executemany("INSERT INTO audience_map VALUES (?, ?, ?)",
+                        [[k, v, keep_untouched[v]] for k, v in audience_ids.items()])
 
     previous_files = [str(lake.members_file(a, cv.version)) for a, cv in current.items()
                       if lake.fetch(lake.members_file(a, cv.version))]

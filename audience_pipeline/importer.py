@@ -71,7 +71,8 @@ class ImportService:
         self.lake.ensure()
 
     # -- step 1: raw file ---------------------------------------------------------------------------
-    def receive(self, partition_key: str, delivery: str, source_uri: str, run_id: str | None) -> ImportRecord:
+    def receive(self, partition_key: str, delivery: str, source_uri: str, run_id: str | None,
+                file_name: str | None = None) -> ImportRecord:
         """Copy the delivered object into the content-addressed raw archive and open its import."""
         existing = self.catalog.find_import(partition_key, delivery)
         if existing is not None:
@@ -89,7 +90,7 @@ class ImportService:
         over_limit = False
         try:
             with source.open(key, listed_version) as (stream, obj), open(staged, "wb") as out:
-                file_name = obj.name
+                file_name = file_name or obj.name
                 while chunk := stream.read(1 << 20):
                     size += len(chunk)
                     if size > feed.max_file_bytes:
@@ -198,24 +199,36 @@ class ImportService:
     def skip_if_applied(self, record: ImportRecord) -> ImportRecord | None:
         return self.catalog.skip_if_applied(record, self.users_sha256())
 
-    def apply(self, record: ImportRecord) -> ImportRecord:
-        """Diff the validated rows against the current lists and commit every audience at once."""
+    def apply(self, record: ImportRecord, dry_run: bool = False) -> ImportRecord:
+        """Diff the validated rows against the current lists and commit every audience at once, unless the
+        removal gate holds the import; a dry run records the diff and the gate's verdict only."""
         if record.finished:
             self.catalog.publish()
             return record
-        skipped = self.skip_if_applied(record)
-        if skipped is not None:
-            return skipped
+        if not dry_run:
+            skipped = self.skip_if_applied(record)
+            if skipped is not None:
+                return skipped
         summary = self.validate(record)
         feed = self.workspace.feed(record.feed)
         semantics = Semantics(get_format(feed.format).semantics(feed))
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
         union_parts = getattr(get_format(feed.format), "UNION_SAME_LIST_TIME", False)
         return self._commit(record, semantics, self.lake.validated_rows(record.import_id), audience_ids,
-                            summary, union_parts)
+                            summary, union_parts, dry_run=dry_run)
 
     def _commit(self, record: ImportRecord, semantics: Semantics, rows_path: Path, audience_ids: dict[str, int],
-                summary: Summary | None, union_parts: bool = False, delete: bool = False) -> ImportRecord:
+                summary: Summary | None, union_parts: bool = False, delete: bool = False, approved: bool = False,
+                dry_run: bool = False, released: bool = False) -> ImportRecord:
+        names = sorted(audience_ids)
+        if not (approved or dry_run or released or delete) and semantics == Semantics.INCREMENTAL:
+            held = [i for i, _ in self.catalog.pending_for(record.feed, names, record.import_id)
+                    if i < record.import_id]
+            if held:
+                # incremental commands must apply in order: queue behind the held import
+                return self.catalog.set_pending(
+                    record.import_id, ImportStatus.WAITING, self._base_outcome(summary, audience_ids),
+                    f"waits behind held import {held[0]} of the same audience")
         work = self.lake.staging(f"work_{record.import_id}")
         con = work_connection(work, self.workspace.config.storage.memory_limit)
         try:
@@ -248,6 +261,14 @@ class ImportService:
                     noops=diff.noops, warnings=summary.warnings if summary else 0, audiences=tuple(audience_ids),
                     users_sha256=summary.users_sha256 if summary else None,
                 )
+                verdict = self._gate(self.workspace.feed(record.feed), semantics, diff, current, audience_ids)
+                if dry_run:
+                    return self.catalog.set_pending(record.import_id, ImportStatus.DRY_RUN, outcome,
+                                                    f"dry run: {verdict or 'passes the removal gate'}")
+                if verdict and not (approved or delete):
+                    if semantics == Semantics.REPLACE:
+                        self._supersede(record, names)
+                    return self.catalog.set_pending(record.import_id, ImportStatus.HELD, outcome, verdict)
                 expected = {a: (current[a].version if a in current else None) for a in audience_ids.values()}
                 try:
                     committed = self.catalog.commit_versions(
@@ -263,10 +284,89 @@ class ImportService:
         finally:
             con.close()
             shutil.rmtree(work, ignore_errors=True)
+        if semantics == Semantics.REPLACE:
+            self._supersede(record, names)
         self.catalog.prune_versions(timedelta(days=self.workspace.config.storage.retention_days))
         if self.lake.remote is not None:
             self.lake.trim_cache(self.catalog.current_member_files(), self.workspace.config.storage.cache_max_bytes)
         return self.catalog.get_import(record.import_id)
+
+    @staticmethod
+    def _base_outcome(summary: Summary | None, audience_ids: dict[str, int]) -> Outcome:
+        if summary is None:
+            return Outcome(audiences=tuple(audience_ids))
+        return Outcome(rows_total=summary.rows_total, rows_valid=summary.rows_valid,
+                       rows_rejected=summary.rows_rejected, unmatched=summary.unmatched,
+                       audiences=tuple(audience_ids), users_sha256=summary.users_sha256)
+
+    @staticmethod
+    def _gate(feed, semantics: Semantics, diff, current: dict, audience_ids: dict[str, int]) -> str | None:
+        """Why the removal gate holds this diff, or None."""
+        names = {v: k for k, v in audience_ids.items()}
+        gate = feed.gate
+        for version in diff.versions:
+            before = current[version.audience_id].member_count if version.audience_id in current else 0
+            removed = version.disqualified
+            name = names[version.audience_id]
+            if semantics == Semantics.REPLACE and before > 0 and version.member_count == 0:
+                return f"held: would empty audience {name!r} ({before} members)"
+            over_count = gate.max_removed is None or removed > gate.max_removed
+            over_share = gate.max_removed_share is None or (before > 0 and removed / before > gate.max_removed_share)
+            configured = gate.max_removed is not None or gate.max_removed_share is not None
+            if configured and removed > 0 and over_count and over_share:
+                share = removed / max(before, 1)
+                limits = " and ".join(
+                    text for text in (
+                        f"more than {gate.max_removed}" if gate.max_removed is not None else "",
+                        f"more than {gate.max_removed_share:.0%}" if gate.max_removed_share is not None else "",
+                    ) if text
+                )
+                return (f"held: would remove {removed} of {before} members of {name!r} ({share:.0%}), "
+                        f"over the removal gate ({limits})")
+        return None
+
+    def _supersede(self, record: ImportRecord, names: list[str]) -> None:
+        for import_id, status in self.catalog.pending_for(record.feed, names, record.import_id):
+            if status == ImportStatus.HELD and import_id < record.import_id:
+                self.catalog.set_status(import_id, ImportStatus.SUPERSEDED,
+                                        f"superseded by the newer list of import {record.import_id}")
+
+    # -- operator decisions -------------------------------------------------------------------------
+    def approve(self, import_id: int) -> ImportRecord:
+        """Apply a held import now (diffed again against the current lists), then the imports queued behind it."""
+        record = self.catalog.get_import(import_id)
+        if record.status != ImportStatus.HELD:
+            raise ValueError(f"import {import_id} is {record.status}, not held")
+        feed = self.workspace.feed(record.feed)
+        summary = self.validate(record)
+        audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
+        result = self._commit(record, Semantics(get_format(feed.format).semantics(feed)),
+                              self.lake.validated_rows(import_id), audience_ids, summary,
+                              getattr(get_format(feed.format), "UNION_SAME_LIST_TIME", False), approved=True)
+        self._release_waiting(record.feed, list(summary.audiences))
+        return result
+
+    def reject(self, import_id: int) -> ImportRecord:
+        """Drop a held import (status ``rejected``), then apply the imports queued behind it."""
+        record = self.catalog.get_import(import_id)
+        if record.status != ImportStatus.HELD:
+            raise ValueError(f"import {import_id} is {record.status}, not held")
+        result = self.catalog.set_status(import_id, ImportStatus.REJECTED, "rejected by an operator")
+        self._release_waiting(record.feed, list(record.audiences or []))
+        return result
+
+    def _release_waiting(self, feed_name: str, names: list[str]) -> None:
+        for import_id, status in self.catalog.pending_for(feed_name, names, -1):
+            if status != ImportStatus.WAITING:
+                break  # another held import: the rest keep waiting behind it
+            record = self.catalog.get_import(import_id)
+            feed = self.workspace.feed(feed_name)
+            summary = self.validate(record)
+            audience_ids = self.catalog.audience_ids(feed_name, list(summary.audiences))
+            result = self._commit(record, Semantics(get_format(feed.format).semantics(feed)),
+                                  self.lake.validated_rows(import_id), audience_ids, summary, released=True)
+            if result.status == ImportStatus.HELD:
+                break
 
     @staticmethod
     def _stale(times: dict, audience_ids: dict[str, int], current: dict) -> str | None:

@@ -28,9 +28,17 @@ class ImportStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
+    HELD = "held"  # over the removal gate: nothing applied until approved or rejected
+    WAITING = "waiting"  # an incremental import queued behind a held import of the same audience
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"
+    DRY_RUN = "dry_run"
 
 
-TERMINAL_STATUSES = (ImportStatus.SUCCEEDED, ImportStatus.FAILED, ImportStatus.SKIPPED)
+# A run ends when its import reaches one of these; held and waiting imports move on by approval.
+TERMINAL_STATUSES = tuple(s for s in ImportStatus if s != ImportStatus.RECEIVED)
+# Imports whose files retention must keep: they may still be applied.
+PENDING_STATUSES = (ImportStatus.RECEIVED, ImportStatus.HELD, ImportStatus.WAITING)
 
 # Reasons a row is rejected; they appear verbatim in the rejected_rows view.
 REJECT_BLANK = "blank_line"

@@ -27,6 +27,11 @@ class Delivery:
     size: int
 
     @property
+    def dry_run(self) -> bool:
+        """Files under a feed's ``dryrun/`` prefix are diffed and gated, never applied."""
+        return self.key.startswith("dryrun/")
+
+    @property
     def run_key(self) -> str:
         return f"{self.partition_key}|{self.delivery}"
 

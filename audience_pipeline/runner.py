@@ -12,7 +12,7 @@ import dagster as dg
 
 from audience_pipeline.config import Workspace
 from audience_pipeline.defs import build_definitions
-from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_SOURCE_URI, audience_files
+from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_DRY_RUN, TAG_FILE_NAME, TAG_SOURCE_URI, audience_files
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.hashing import sha256_file
 from audience_pipeline.keys import partition_key
@@ -55,13 +55,13 @@ class Runner:
         self.service = self.resource.service()
         prepare(self.workspace, self.service.lake)
 
-    def run(self, pkey: str, delivery: str, source_uri: str) -> ImportRecord:
+    def run(self, pkey: str, delivery: str, source_uri: str, extra_tags: dict | None = None) -> ImportRecord:
         self.instance.add_dynamic_partitions(audience_files.name, [pkey])
         job = self.defs.resolve_job_def("audience_import_job")
         job.execute_in_process(
             partition_key=pkey,
             instance=self.instance,
-            tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: source_uri},
+            tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: source_uri, **(extra_tags or {})},
             run_config=QUIET_RUN_CONFIG if self.quiet else None,
             raise_on_error=False,
         )
@@ -70,13 +70,25 @@ class Runner:
             raise RuntimeError(f"the run for {pkey} ended before its import was recorded (see the Dagster UI)")
         return record
 
-    def import_file(self, feed: str, path: Path) -> ImportRecord:
+    def import_file(self, feed: str, path: Path, dry_run: bool = False) -> ImportRecord:
         """A delivery by hand: always a new delivery, so identical content is reported as skipped."""
         self.workspace.feed(feed)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         pkey = partition_key(feed, path.name, sha256_file(path))
-        return self.run(pkey, f"cli:{uuid.uuid4().hex}", path.resolve().as_uri())
+        return self.run(pkey, f"cli:{uuid.uuid4().hex}", path.resolve().as_uri(),
+                        {TAG_DRY_RUN: "true"} if dry_run else None)
+
+    def reimport(self, import_id: int) -> ImportRecord:
+        """Apply the list of an earlier import again (a rollback), as a new import that passes the gate."""
+        earlier = self.service.catalog.get_import(import_id)
+        if earlier.sha256 is None:
+            raise ValueError(f"import {import_id} has no archived file to import again")
+        raw = self.service.lake.raw_path(earlier.sha256)
+        if not self.service.lake.fetch(raw):
+            raise ValueError(f"the raw file of import {import_id} is no longer archived (retention)")
+        return self.run(earlier.partition_key, f"reimport:{import_id}:{uuid.uuid4().hex}", raw.resolve().as_uri(),
+                        {TAG_FILE_NAME: earlier.file_name})
 
     def poll(self, feed: str) -> list[ImportRecord]:
         """One evaluation of the feed's sensor, and the runs it asks for. The cursor is the one this
@@ -89,8 +101,9 @@ class Runner:
         records = []
         if isinstance(result, dg.SensorResult):
             for request in result.run_requests or []:
+                extra = {k: v for k, v in request.tags.items() if k == TAG_DRY_RUN}
                 records.append(self.run(request.partition_key, request.tags[TAG_DELIVERY],
-                                        request.tags[TAG_SOURCE_URI]))
+                                        request.tags[TAG_SOURCE_URI], extra))
             if result.cursor is not None:
                 self.service.catalog.set_cursor(feed, result.cursor)
         return records

@@ -157,11 +157,11 @@ def validate_file(
     ).fetchone()
     total = valid + rejected
     examined = valid + counted
-    audiences = tuple(
-        r[0] for r in con.execute(
-            "SELECT DISTINCT audience_key FROM read_parquet(?) ORDER BY 1", [str(rows_path)]
-        ).fetchall()
-    )
+    named = {r[0] for r in con.execute("SELECT DISTINCT audience_key FROM read_parquet(?)",
+                                       [str(rows_path)]).fetchall()}
+    if hasattr(fmt, "file_audiences"):
+        named.update(fmt.file_audiences(file_name, feed))
+    audiences = tuple(sorted(named))
     if examined and counted / examined > feed.max_reject_ratio:
         examples = con.execute(
             """SELECT line_number, reason FROM read_parquet(?)

@@ -8,7 +8,7 @@ from audience_pipeline.defs.assets import (
     validated_audience_file,
 )
 from audience_pipeline.defs.expiry import audience_expiry_job, audience_expiry_schedule
-from audience_pipeline.defs.lifecycle import audience_delete_job
+from audience_pipeline.defs.lifecycle import audience_approve_job, audience_delete_job, audience_reject_job
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.defs.retention import audience_retention_job, audience_retention_schedule
 from audience_pipeline.defs.sensors import build_feed_sensor
@@ -18,7 +18,8 @@ def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
     workspace = workspace or load_workspace()
     return dg.Definitions(
         assets=[raw_audience_file, validated_audience_file, membership_diff],
-        jobs=[audience_import_job, audience_retention_job, audience_expiry_job, audience_delete_job],
+        jobs=[audience_import_job, audience_retention_job, audience_expiry_job, audience_delete_job,
+              audience_approve_job, audience_reject_job],
         schedules=[audience_retention_schedule, audience_expiry_schedule],
         sensors=[build_feed_sensor(name, feed) for name, feed in sorted(workspace.config.feeds.items())],
         resources={"audience_workspace": AudienceWorkspace(config_path=str(workspace.path))},

@@ -8,6 +8,8 @@ audience_files = dg.DynamicPartitionsDefinition(name="audience_files")
 
 TAG_DELIVERY = "audience_pipeline/delivery"
 TAG_SOURCE_URI = "audience_pipeline/source_uri"
+TAG_FILE_NAME = "audience_pipeline/file_name"  # when the source object is not named as the file (reimport)
+TAG_DRY_RUN = "audience_pipeline/dry_run"
 
 
 def _delivery(context: dg.AssetExecutionContext) -> str | None:
@@ -55,7 +57,8 @@ def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: Aud
     delivery, uri = _delivery(context), context.run.tags.get(TAG_SOURCE_URI)
     try:
         if delivery and uri:
-            record = service.receive(context.partition_key, delivery, uri, context.run.run_id)
+            record = service.receive(context.partition_key, delivery, uri, context.run.run_id,
+                                     file_name=context.run.tags.get(TAG_FILE_NAME))
         else:
             record = _record(context, service)
     except ImportFailed as exc:
@@ -120,14 +123,16 @@ def membership_diff(context: dg.AssetExecutionContext, audience_workspace: Audie
 
     Computed in DuckDB against the audience's current list and committed atomically for all of them: the
     catalog transaction plus the re-published snapshot that analysts read. An import whose content equals
-    the list currently applied is `skipped`; a re-run of a finished import only re-reports it.
+    the list currently applied is `skipped`; one over the feed's removal gate is `held` until approved or
+    rejected (`audience-pipeline approve|reject`); a dry run records the diff and the verdict as `dry_run`.
+    A re-run of a finished import only re-reports it.
     """
     service = audience_workspace.service()
     record = _record(context, service)
     if record.status == "failed":
         raise _failure(record)
     try:
-        final = service.apply(record)
+        final = service.apply(record, dry_run=context.run.tags.get(TAG_DRY_RUN) == "true")
     except ImportFailed as exc:
         raise _failure(exc.record) from None
     context.log.info(

@@ -24,3 +24,34 @@ def delete_audience(context: dg.OpExecutionContext, config: DeleteAudienceConfig
                     "`audience-pipeline delete-audience`.")
 def audience_delete_job():
     delete_audience()
+
+
+class ImportDecisionConfig(dg.Config):
+    import_id: int
+
+
+@dg.op
+def approve_import(context: dg.OpExecutionContext, config: ImportDecisionConfig,
+                   audience_workspace: AudienceWorkspace) -> dg.Output:
+    """Apply a held import (diffed again against the current lists), then the imports queued behind it."""
+    record = audience_workspace.service().approve(config.import_id)
+    context.log.info(f"import {record.import_id} {record.status}: +{record.qualified} -{record.disqualified}")
+    return dg.Output(None, metadata={"import_id": record.import_id, "status": record.status})
+
+
+@dg.job(description="Approve a held import: it is applied now. Same as `audience-pipeline approve IMPORT_ID`.")
+def audience_approve_job():
+    approve_import()
+
+
+@dg.op
+def reject_import(context: dg.OpExecutionContext, config: ImportDecisionConfig,
+                  audience_workspace: AudienceWorkspace) -> dg.Output:
+    """Drop a held import (status rejected), then apply the imports queued behind it."""
+    record = audience_workspace.service().reject(config.import_id)
+    return dg.Output(None, metadata={"import_id": record.import_id, "status": record.status})
+
+
+@dg.job(description="Reject a held import: nothing of it is applied. Same as `audience-pipeline reject IMPORT_ID`.")
+def audience_reject_job():
+    reject_import()

@@ -2,7 +2,13 @@ import dagster as dg
 
 from audience_pipeline.config import FeedConfig
 from audience_pipeline.cursor import Cursor
-from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_SOURCE_URI, audience_files, audience_import_job
+from audience_pipeline.defs.assets import (
+    TAG_DELIVERY,
+    TAG_DRY_RUN,
+    TAG_SOURCE_URI,
+    audience_files,
+    audience_import_job,
+)
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.polling import poll_feed
 from audience_pipeline.sources import SourceError
@@ -46,7 +52,8 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
                 dg.RunRequest(
                     run_key=d.run_key,
                     partition_key=d.partition_key,
-                    tags={TAG_DELIVERY: d.delivery, TAG_SOURCE_URI: d.source_uri},
+                    tags={TAG_DELIVERY: d.delivery, TAG_SOURCE_URI: d.source_uri,
+                          **({TAG_DRY_RUN: "true"} if d.dry_run else {})},
                 )
                 for d in result.deliveries
             ],

@@ -5,6 +5,8 @@ A format module provides:
 - ``NAME``: the value of ``feeds.<feed>.format`` that selects it;
 - ``accepts(file_name, feed) -> bool``: whether a landed object is a file of this format (others are ignored);
 - ``semantics(feed) -> Semantics``: how the parsed rows apply to the audiences they name;
+- optionally ``file_audiences(file_name, feed) -> list[str]``: audiences named by the file itself, which a
+  full list with no valid row empties;
 - ``identifier_types(feed) -> list[str]``: the identifier types its rows can carry (registry resolution);
 - ``decode(raw_path, file_name, feed, work_dir) -> Path``: the file as text (e.g. gunzipped, capped);
 - ``parse_query(text_path, file_name, feed, work_dir, received_at) -> (sql, params)``: one DuckDB SELECT producing the

@@ -24,6 +24,10 @@ def accepts(file_name: str, feed=None) -> bool:
     return bool(SUFFIX.search(file_name)) and len(SUFFIX.sub("", file_name)) > 0
 
 
+def file_audiences(file_name: str, feed) -> list[str]:
+    return [] if feed.mode == "per_row" else [feed.audience or SUFFIX.sub("", file_name)]
+
+
 def semantics(feed) -> Semantics:
     return Semantics.REPLACE if feed.action == "replace" else Semantics.INCREMENTAL
 

@@ -34,6 +34,10 @@ def audience_name(file_name: str) -> str:
     return file_name[: -len(SUFFIX)] if accepts(file_name) else file_name
 
 
+def file_audiences(file_name: str, feed) -> list[str]:
+    return [audience_name(file_name)]
+
+
 def semantics(feed) -> Semantics:
     return Semantics.REPLACE
 

@@ -24,6 +24,11 @@ def audience_name(file_name: str) -> str:
     return file_name[: -len(SUFFIX)] if accepts(file_name) else file_name
 
 
+def file_audiences(file_name: str, feed) -> list[str]:
+    """The audience the file names even when none of its rows is valid (then it empties the audience)."""
+    return [audience_name(file_name)]
+
+
 def semantics(feed) -> Semantics:
     return Semantics.REPLACE
 

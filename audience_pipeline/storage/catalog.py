@@ -76,6 +76,7 @@ class CurrentVersion:
     sha256: str
     users_sha256: str | None
     list_time: datetime | None
+    member_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,30 @@ class Catalog:
         with self.session() as con:
             self.export_snapshot(con)
         return True
+
+    def pending_for(self, feed: str, names: list[str], exclude: int) -> list[tuple[int, str]]:
+        """Held or waiting imports of the feed that name one of these audiences, oldest first."""
+        with self.session() as con:
+            return con.execute(sql.PENDING_FOR_AUDIENCES, [feed, exclude, names]).fetchall()
+
+    def set_pending(self, import_id: int, status: str, outcome: Outcome, reason: str) -> ImportRecord:
+        """Record a held, waiting or dry-run verdict (nothing applied) with its would-be counts, and publish."""
+        with self.transaction() as con:
+            con.execute(sql.SET_PENDING, [
+                status, reason, outcome.qualified, outcome.disqualified, outcome.members, list(outcome.audiences),
+                outcome.rows_total, outcome.rows_valid, outcome.rows_rejected, outcome.duplicates,
+                outcome.unmatched, outcome.users_sha256, _now(con), import_id])
+        with self.session() as con:
+            self.export_snapshot(con)
+            return self._record(con.execute(sql.GET_IMPORT, [import_id]))
+
+    def set_status(self, import_id: int, status: str, reason: str) -> ImportRecord:
+        """Move a held or waiting import to a final status without applying it (rejected, superseded)."""
+        with self.transaction() as con:
+            con.execute(sql.SET_STATUS, [status, reason, _now(con), import_id])
+        with self.session() as con:
+            self.export_snapshot(con)
+            return self._record(con.execute(sql.GET_IMPORT, [import_id]))
 
     def expiry_due(self, at: datetime) -> list[tuple[int, str, str]]:
         """(audience_id, feed, name) of every audience with a membership expired by ``at``."""

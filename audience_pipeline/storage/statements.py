@@ -78,7 +78,7 @@ FINISH_IMPORT = """
 UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
        unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, warnings = ?, audiences = ?,
        users_sha256 = ?, finished_at = ?
-WHERE import_id = ? AND status = 'received'
+WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
 FIND_AUDIENCE = "SELECT audience_id FROM audiences WHERE feed = ? AND name = ?"
@@ -88,7 +88,7 @@ VALUES (nextval('audience_ids'), ?, ?, 'active', ?) RETURNING audience_id
 """
 
 CURRENT_VERSIONS = """
-SELECT audience_id, version, sha256, users_sha256, list_time FROM audience_versions
+SELECT audience_id, version, sha256, users_sha256, list_time, member_count FROM audience_versions
 WHERE valid_to IS NULL AND list_contains(?, audience_id)
 """
 
@@ -132,18 +132,19 @@ FROM imports WHERE status <> 'received'
 RAW_EXPIRED = """
 SELECT sha256 FROM imports WHERE sha256 IS NOT NULL
 GROUP BY sha256
-HAVING bool_and(status <> 'received') AND max(coalesce(finished_at, received_at)) < ?
+HAVING bool_and(status NOT IN ('received', 'held', 'waiting')) AND max(coalesce(finished_at, received_at)) < ?
    AND sha256 NOT IN (SELECT sha256 FROM audience_versions WHERE valid_to IS NULL)
 """
 VALIDATED_EXPIRED = """
 SELECT import_id FROM imports
-WHERE status <> 'received' AND finished_at < ?
+WHERE status NOT IN ('received', 'held', 'waiting') AND finished_at < ?
   AND import_id NOT IN (SELECT import_id FROM audience_versions WHERE valid_to IS NULL)
 """
 PARTITIONS_EXPIRED = """
 SELECT partition_key FROM imports
 GROUP BY partition_key
-HAVING bool_and(status <> 'received') AND max(coalesce(finished_at, received_at)) < ?
+HAVING bool_and(status NOT IN ('received', 'held', 'waiting'))
+   AND max(coalesce(finished_at, received_at)) < ?
    AND partition_key NOT IN (SELECT i.partition_key FROM audience_versions v JOIN imports i USING (import_id)
                              WHERE v.valid_to IS NULL)
 """
@@ -161,3 +162,22 @@ WHERE a.feed = ? AND a.status = 'active'
   AND EXISTS (SELECT 1 FROM audience_versions v WHERE v.audience_id = a.audience_id AND v.valid_to IS NULL)
 """
 MARK_DELETED = "UPDATE audiences SET status = 'deleted' WHERE list_contains(?, audience_id)"
+
+# Held and waiting imports that name any of these audiences (audience names are kept on each import).
+PENDING_FOR_AUDIENCES = """
+SELECT import_id, status FROM imports
+WHERE feed = ? AND status IN ('held', 'waiting') AND import_id <> ?
+  AND len(list_intersect(audiences, ?)) > 0
+ORDER BY import_id
+"""
+SET_PENDING = """
+UPDATE imports SET status = ?, error = ?, qualified = ?, disqualified = ?, members = ?, audiences = ?,
+       rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?, unmatched = ?, users_sha256 = ?,
+       finished_at = ?
+WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
+"""
+
+SET_STATUS = """
+UPDATE imports SET status = ?, error = ?, finished_at = ?
+WHERE import_id = ? AND status IN ('held', 'waiting')
+"""
