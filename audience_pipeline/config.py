@@ -136,6 +136,10 @@ class FeedConfig(_Strict):
     # Repro's "audience limits set for each project": a file that would create one more audience fails.
     max_audiences: int | None = Field(default=None, ge=1)
     gate: GateConfig = GateConfig()
+    # who gets an e-mail when an import of this feed fails or is held, or the feed falls silent
+    admins: list[str] = []
+    # a feed that delivers nothing for this long is an incident (e-mail to the admins)
+    max_silence_hours: float | None = Field(default=None, gt=0)
     s3: S3Options = S3Options()
     sftp: SftpOptions = SftpOptions()
     # Attentive: the customer domain in file names, what the identifiers are, and the phone region.
@@ -167,8 +171,25 @@ class FeedConfig(_Strict):
         return mapped if isinstance(mapped, IdentifierMapping) else IdentifierMapping(column=mapped)
 
 
+class SmtpConfig(_Strict):
+    host: str
+    port: int = 25
+    starttls: bool = False
+    ca_file: str | None = None  # CA bundle to verify the server's certificate with, for a private CA
+    sender: str
+    # the login, if the server wants one, is read from these environment variables
+    username_env: str | None = None
+    password_env: str | None = None
+    timeout_seconds: float = 30.0
+
+
+class NotificationsConfig(_Strict):
+    smtp: SmtpConfig | None = None
+
+
 class WorkspaceConfig(_Strict):
     storage: StorageConfig = StorageConfig()
+    notifications: NotificationsConfig = NotificationsConfig()
     users: UsersConfig = UsersConfig()
     feeds: dict[str, FeedConfig]
 

@@ -21,6 +21,7 @@ from audience_pipeline.duck import empty_rows, work_connection
 from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
+from audience_pipeline.notify import Notifier
 from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, source_for_uri
 from audience_pipeline.storage.catalog import Catalog, CommitRefused, ImportRecord, Outcome
 from audience_pipeline.storage.lake import Lake
@@ -69,6 +70,7 @@ class ImportService:
         users = workspace.config.users
         self.users = UsersRegistry(workspace.users_path, users.user_id_column) if workspace.users_path else None
         self.lake.ensure()
+        self.notifier = Notifier(workspace, self.catalog)
 
     # -- step 1: raw file ---------------------------------------------------------------------------
     def receive(self, partition_key: str, delivery: str, source_uri: str, run_id: str | None,
@@ -193,6 +195,7 @@ class ImportService:
 
     def _fail(self, record: ImportRecord, reason: str) -> ImportRecord:
         failed = self.catalog.finish_import(record.import_id, ImportStatus.FAILED, Outcome(), error=reason)
+        self.notifier.import_outcome(failed)
         raise ImportFailed(failed)
 
     # -- step 3: membership snapshot and diff -------------------------------------------------------
@@ -268,7 +271,9 @@ class ImportService:
                 if verdict and not (approved or delete):
                     if semantics == Semantics.REPLACE:
                         self._supersede(record, names)
-                    return self.catalog.set_pending(record.import_id, ImportStatus.HELD, outcome, verdict)
+                    held = self.catalog.set_pending(record.import_id, ImportStatus.HELD, outcome, verdict)
+                    self.notifier.import_outcome(held)
+                    return held
                 expected = {a: (current[a].version if a in current else None) for a in audience_ids.values()}
                 try:
                     committed = self.catalog.commit_versions(

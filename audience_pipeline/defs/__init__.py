@@ -9,6 +9,7 @@ from audience_pipeline.defs.assets import (
 )
 from audience_pipeline.defs.expiry import audience_expiry_job, audience_expiry_schedule
 from audience_pipeline.defs.lifecycle import audience_approve_job, audience_delete_job, audience_reject_job
+from audience_pipeline.defs.notifications import build_freshness_sensor, import_run_failure_sensor
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.defs.retention import audience_retention_job, audience_retention_schedule
 from audience_pipeline.defs.sensors import build_feed_sensor
@@ -21,6 +22,10 @@ def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
         jobs=[audience_import_job, audience_retention_job, audience_expiry_job, audience_delete_job,
               audience_approve_job, audience_reject_job],
         schedules=[audience_retention_schedule, audience_expiry_schedule],
-        sensors=[build_feed_sensor(name, feed) for name, feed in sorted(workspace.config.feeds.items())],
+        sensors=[
+            *(build_feed_sensor(name, feed) for name, feed in sorted(workspace.config.feeds.items())),
+            import_run_failure_sensor,
+            build_freshness_sensor(workspace),
+        ],
         resources={"audience_workspace": AudienceWorkspace(config_path=str(workspace.path))},
     )

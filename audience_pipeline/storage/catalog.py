@@ -352,6 +352,20 @@ class Catalog:
             self.export_snapshot(con)
             return self._record(con.execute(sql.GET_IMPORT, [import_id]))
 
+    def claim_notification(self, key: str) -> bool:
+        """Record that the message ``key`` is being sent; False if it was already."""
+        with self.session() as con:
+            return con.execute(sql.CLAIM_NOTIFICATION, [key]).fetchone() is not None
+
+    def release_notification(self, key: str) -> None:
+        with self.session() as con:
+            con.execute(sql.RELEASE_NOTIFICATION, [key])
+
+    def last_delivery(self, feed: str) -> datetime | None:
+        """When the feed's newest file arrived (sweeps, deletions and other internal imports aside)."""
+        with self.session() as con:
+            return con.execute(sql.LAST_DELIVERY, [feed]).fetchone()[0]
+
     def expiry_due(self, at: datetime) -> list[tuple[int, str, str]]:
         """(audience_id, feed, name) of every audience with a membership expired by ``at``."""
         with self.session() as con:

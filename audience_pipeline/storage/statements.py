@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS audience_versions (
     PRIMARY KEY (audience_id, version)
 );
 CREATE TABLE IF NOT EXISTS poll_cursors (feed VARCHAR PRIMARY KEY, cursor VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS notifications (key VARCHAR PRIMARY KEY, sent_at TIMESTAMPTZ NOT NULL);
 """
 
 GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
@@ -181,3 +182,7 @@ SET_STATUS = """
 UPDATE imports SET status = ?, error = ?, finished_at = ?
 WHERE import_id = ? AND status IN ('held', 'waiting')
 """
+
+CLAIM_NOTIFICATION = "INSERT INTO notifications VALUES (?, now()) ON CONFLICT DO NOTHING RETURNING key"
+RELEASE_NOTIFICATION = "DELETE FROM notifications WHERE key = ?"
+LAST_DELIVERY = "SELECT max(received_at) FROM imports WHERE feed = ? AND source_uri LIKE '%://%'"
