@@ -187,9 +187,20 @@ class NotificationsConfig(_Strict):
     smtp: SmtpConfig | None = None
 
 
+class OutboxConfig(_Strict):
+    """Downstream change files: ``changes`` (qualify/disqualify rows) or ``full_list`` (the whole list)."""
+
+    location: str  # a folder, or s3://bucket/prefix/
+    mode: Literal["changes", "full_list"]
+    identifier_field: str = "user_id"  # the identifier column's name in the files (ODP: the feed's field)
+    feeds: list[str] = []  # default: every feed
+    s3: S3Options = S3Options()
+
+
 class WorkspaceConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     notifications: NotificationsConfig = NotificationsConfig()
+    outboxes: list[OutboxConfig] = []
     users: UsersConfig = UsersConfig()
     feeds: dict[str, FeedConfig]
 

@@ -22,6 +22,7 @@ from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
 from audience_pipeline.notify import Notifier
+from audience_pipeline.outbox import write_outboxes
 from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, source_for_uri
 from audience_pipeline.storage.catalog import Catalog, CommitRefused, ImportRecord, Outcome
 from audience_pipeline.storage.lake import Lake
@@ -207,6 +208,7 @@ class ImportService:
         removal gate holds the import; a dry run records the diff and the gate's verdict only."""
         if record.finished:
             self.catalog.publish()
+            self.publish_outboxes(record)
             return record
         if not dry_run:
             skipped = self.skip_if_applied(record)
@@ -291,6 +293,7 @@ class ImportService:
             shutil.rmtree(work, ignore_errors=True)
         if semantics == Semantics.REPLACE:
             self._supersede(record, names)
+        self.publish_outboxes(self.catalog.get_import(record.import_id), audience_ids)
         self.catalog.prune_versions(timedelta(days=self.workspace.config.storage.retention_days))
         if self.lake.remote is not None:
             self.lake.trim_cache(self.catalog.current_member_files(), self.workspace.config.storage.cache_max_bytes)
@@ -382,6 +385,23 @@ class ImportService:
                 return (f"stale: the list of {key!r} is from {listed_at.isoformat()}, older than the applied list "
                         f"from {applied.list_time.isoformat()}")
         return None
+
+    def publish_outboxes(self, record: ImportRecord, audience_ids: dict[str, int] | None = None) -> list[str]:
+        """The downstream files of a committed import (idempotent: a re-run fills in what is missing)."""
+        outboxes = self.workspace.config.outboxes
+        if record.status != ImportStatus.SUCCEEDED or not outboxes:
+            return []
+        if audience_ids is None:
+            audience_ids = self.catalog.audience_ids(record.feed, list(record.audiences or []))
+        for audience_id in audience_ids.values():
+            self.lake.fetch(self.lake.members_file(audience_id, record.import_id))
+        self.lake.fetch(self.lake.events(record.import_id))
+        written = []
+        for outbox in outboxes:
+            client = self.s3_client(outbox.s3) if self.s3_client and outbox.location.startswith("s3://") else None
+            written += write_outboxes([outbox], self.workspace.resolve, self.lake, record.import_id, record.feed,
+                                      audience_ids, record.finished_at, client)
+        return written
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def delete_audience(self, feed: str, name: str) -> ImportRecord:
