@@ -261,6 +261,21 @@ def delete_audience(name: str, feed: str, config: str | None) -> None:
     console.print(f"deleted {name!r} ({feed}): {record.disqualified} members disqualified, import {record.import_id}")
 
 
+@main.command("forget-user")
+@click.argument("user_id")
+@config_option
+def forget_user(user_id: str, config: str | None) -> None:
+    """Erase USER_ID: it leaves every audience (with disqualify events), then every lake file holding it is
+    rewritten without it. The erasure is recorded by a hash of the id only."""
+    runner = _runner(_workspace(config))
+    try:
+        records, rewritten = runner.service.forget_user(user_id)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    console.print(f"removed from {sum(r.disqualified or 0 for r in records)} audience(s) in {len(records)} "
+                  f"import(s); {rewritten} lake file(s) rewritten")
+
+
 @main.command()
 @click.argument("import_id", type=int)
 @config_option

@@ -48,3 +48,20 @@ def empty_rows(dest: Path) -> None:
         copy_to_parquet(con, CANONICAL_EMPTY, [], dest)
     finally:
         con.close()
+
+
+def removal_rows(dest: Path, user_id: str, audiences: list[str]) -> None:
+    """Canonical rows removing one user from each of these audiences."""
+    con = duckdb.connect(":memory:")
+    try:
+        copy_to_parquet(
+            con,
+            """SELECT a AS audience_key, 'user_id' AS identifier_type, $u AS identifier, $u AS user_id,
+                      'remove' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag,
+                      NULL::TIMESTAMPTZ AS observed_at, NULL::VARCHAR AS warning, 1::BIGINT AS source_line
+               FROM unnest($a) t(a)""",
+            {"u": user_id, "a": audiences},
+            dest,
+        )
+    finally:
+        con.close()

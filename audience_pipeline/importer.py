@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
+
 from audience_pipeline.config import S3Options, Workspace
 from audience_pipeline.diff import compute_diff, list_times
-from audience_pipeline.duck import empty_rows, work_connection
+from audience_pipeline.duck import empty_rows, removal_rows, work_connection
+from audience_pipeline.erasure import identifiers_of, scrub_lake
 from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
@@ -425,6 +428,37 @@ class ImportService:
             return self._commit(record, Semantics.REPLACE, empty, {name: audience_id}, None, delete=True)
         finally:
             empty.unlink(missing_ok=True)
+
+    def forget_user(self, user_id: str) -> tuple[list[ImportRecord], int]:
+        """Take the user out of every audience (with disqualify events), then erase them from the lake.
+        Returns the removal imports and how many files were rewritten."""
+        if self.lake.remote is not None:
+            raise ValueError("forget-user rewrites lake files in place and supports a local lake only")
+        at = datetime.now(UTC)
+        digest = hashlib.sha256(user_id.encode()).hexdigest()
+        memberships = self.catalog.memberships_of(user_id)
+        records = []
+        for feed in sorted({f for f, _, _ in memberships}):
+            audience_ids = {name: a for f, name, a in memberships if f == feed}
+            record = self.catalog.begin_import(
+                partition_key=f"{feed}:erasure:{digest[:12]}", delivery=f"erasure:{digest}:{at.isoformat()}",
+                feed=feed, source_uri="forget-user", file_name="(erasure)", sha256=None, size_bytes=None,
+                semantics=Semantics.INCREMENTAL.value, run_id=None, received_at=at,
+            )
+            rows = self.lake.staging(f"erasure_{record.import_id}.parquet")
+            removal_rows(rows, user_id, sorted(audience_ids))
+            try:
+                records.append(self._commit(record, Semantics.INCREMENTAL, rows, audience_ids, None, released=True))
+            finally:
+                rows.unlink(missing_ok=True)
+        con = duckdb.connect(":memory:")
+        try:
+            identifiers = identifiers_of(con, self.lake, user_id)
+        finally:
+            con.close()
+        rewritten = scrub_lake(self.lake, user_id, identifiers)
+        self.catalog.record_erasure(digest, [r.import_id for r in records], rewritten)
+        return records, rewritten
 
     # -- expiry -------------------------------------------------------------------------------------
     def sweep_expired(self, at: datetime | None = None) -> list[ImportRecord]:

@@ -13,9 +13,10 @@ def read(path):
 
 def test_changes_and_full_list_outboxes(make_env, tmp_path):
     config = base_config()
+    field = "a_high_confidence_identifier"
     config["outboxes"] = [
-        {"location": str(tmp_path / "out_changes"), "mode": "changes", "identifier_field": "a_high_confidence_identifier"},
-        {"location": str(tmp_path / "out_full"), "mode": "full_list", "identifier_field": "a_high_confidence_identifier"},
+        {"location": str(tmp_path / "out_changes"), "mode": "changes", "identifier_field": field},
+        {"location": str(tmp_path / "out_full"), "mode": "full_list", "identifier_field": field},
     ]
     env = make_env(config)
     first = env.import_file("promo.csv", "u1\nu2\nu3\n")

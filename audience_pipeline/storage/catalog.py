@@ -352,6 +352,28 @@ class Catalog:
             self.export_snapshot(con)
             return self._record(con.execute(sql.GET_IMPORT, [import_id]))
 
+    def memberships_of(self, user_id: str) -> list[tuple[str, str, int]]:
+        """(feed, audience name, audience_id) of every current list that holds the user."""
+        with self.session() as con:
+            current = con.execute(
+                """SELECT v.audience_id, v.version, a.feed, a.name FROM audience_versions v
+                   JOIN audiences a USING (audience_id) WHERE v.valid_to IS NULL""").fetchall()
+        files = {a: (feed, name) for a, v, feed, name in current if self.lake.fetch(self.lake.members_file(a, v))}
+        if not files:
+            return []
+        paths = [str(self.lake.members_file(a, v)) for a, v, _, _ in current if a in files]
+        con = duckdb.connect(":memory:")
+        try:
+            rows = con.execute("SELECT DISTINCT audience_id::BIGINT FROM read_parquet(?, hive_partitioning = true) "
+                               "WHERE user_id = ?", [paths, user_id]).fetchall()
+        finally:
+            con.close()
+        return sorted((files[a][0], files[a][1], a) for (a,) in rows)
+
+    def record_erasure(self, user_sha256: str, imports: list[int], files_rewritten: int) -> None:
+        with self.session() as con:
+            con.execute(sql.RECORD_ERASURE, [user_sha256, imports, files_rewritten])
+
     def claim_notification(self, key: str) -> bool:
         """Record that the message ``key`` is being sent; False if it was already."""
         with self.session() as con:

@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS audience_versions (
 );
 CREATE TABLE IF NOT EXISTS poll_cursors (feed VARCHAR PRIMARY KEY, cursor VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS notifications (key VARCHAR PRIMARY KEY, sent_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS erasures (
+    erased_at TIMESTAMPTZ NOT NULL, user_sha256 VARCHAR NOT NULL, imports BIGINT[], files_rewritten BIGINT
+);
 """
 
 GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
@@ -186,3 +189,5 @@ WHERE import_id = ? AND status IN ('held', 'waiting')
 CLAIM_NOTIFICATION = "INSERT INTO notifications VALUES (?, now()) ON CONFLICT DO NOTHING RETURNING key"
 RELEASE_NOTIFICATION = "DELETE FROM notifications WHERE key = ?"
 LAST_DELIVERY = "SELECT max(received_at) FROM imports WHERE feed = ? AND source_uri LIKE '%://%'"
+
+RECORD_ERASURE = "INSERT INTO erasures VALUES (now(), ?, ?, ?)"
