@@ -185,3 +185,22 @@ def test_definitions_expose_assets_job_and_sensor(env):
     assert defs.resolve_job_def("audience_import_job").partitions_def == audience_files
     assert defs.resolve_schedule_def("audience_retention_schedule").cron_schedule == "17 3 * * *"
     assert isinstance(defs.resolve_job_def("audience_import_job"), dg.JobDefinition)
+
+
+def test_asset_checks_report_rejects_and_drops(env):
+    from audience_pipeline.keys import partition_key as make_key
+
+    env.import_file("chk.csv", lines(ids("c", 10)))
+    path = env.drop_file("chk.csv", lines(ids("c", 3) + ["bad,row"]))
+    key = make_key("repro", "chk.csv", __import__("hashlib").sha256(path.read_bytes()).hexdigest())
+    env.instance.add_dynamic_partitions("audience_files", [key])
+    job = env.runner.defs.resolve_job_def("audience_import_job")
+    result = job.execute_in_process(partition_key=key, instance=env.instance, tags={
+        "audience_pipeline/delivery": "cli:checks", "audience_pipeline/source_uri": path.resolve().as_uri()})
+    assert result.success
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations["rejected_rows_share"].passed  # 1 of 4 rows rejected: 25% > 1%
+    assert evaluations["rejected_rows_share"].severity == dg.AssetCheckSeverity.WARN
+    assert evaluations["unmatched_share"].passed
+    assert not evaluations["no_sudden_list_drop"].passed  # 10 -> 3 members
+    assert evaluations["no_sudden_list_drop"].metadata["members_before"].value == 10

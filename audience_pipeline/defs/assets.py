@@ -30,6 +30,48 @@ def _failure(record: ImportRecord) -> dg.Failure:
     )
 
 
+REJECT_SHARE_WARN = 0.01
+UNMATCHED_SHARE_WARN = 0.10
+DROP_SHARE_ERROR = 0.5
+
+VALIDATION_CHECKS = [
+    dg.AssetCheckSpec("rejected_rows_share", asset="validated_audience_file",
+                      description=f"Warns when more than {REJECT_SHARE_WARN:.0%} of the rows were rejected for "
+                                  "format or identifier reasons (over the feed's max_reject_ratio, the import fails)."),
+    dg.AssetCheckSpec("unmatched_share", asset="validated_audience_file",
+                      description=f"Warns when more than {UNMATCHED_SHARE_WARN:.0%} of the rows name users that "
+                                  "are not in the users registry."),
+]
+DIFF_CHECKS = [
+    dg.AssetCheckSpec("no_sudden_list_drop", asset="membership_diff",
+                      description=f"Fails when the import left its audiences with less than "
+                                  f"{DROP_SHARE_ERROR:.0%} of the members they had (the removal gate holds such "
+                                  "imports unless approved)."),
+]
+
+
+def _validation_checks(rows: int | None, rejected: int | None, unmatched: int | None) -> list[dg.AssetCheckResult]:
+    rows, rejected, unmatched = rows or 0, rejected or 0, unmatched or 0
+    reject_share = (rejected - unmatched) / rows if rows else 0.0
+    unmatched_share = unmatched / rows if rows else 0.0
+    return [
+        dg.AssetCheckResult(check_name="rejected_rows_share", passed=reject_share <= REJECT_SHARE_WARN,
+                            severity=dg.AssetCheckSeverity.WARN, metadata={"share": reject_share}),
+        dg.AssetCheckResult(check_name="unmatched_share", passed=unmatched_share <= UNMATCHED_SHARE_WARN,
+                            severity=dg.AssetCheckSeverity.WARN, metadata={"share": unmatched_share}),
+    ]
+
+
+def _diff_checks(record: ImportRecord) -> list[dg.AssetCheckResult]:
+    after = record.members or 0
+    before = after - (record.qualified or 0) + (record.disqualified or 0)
+    applied = record.status == "succeeded"
+    kept = after / before if before and applied else 1.0
+    return [dg.AssetCheckResult(check_name="no_sudden_list_drop", passed=kept >= DROP_SHARE_ERROR,
+                                severity=dg.AssetCheckSeverity.ERROR,
+                                metadata={"members_before": before, "members_after": after, "kept_share": kept})]
+
+
 def _counts(record: ImportRecord) -> dict:
     return {
         "import_id": record.import_id,
@@ -79,7 +121,7 @@ def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: Aud
 
 
 @dg.asset(partitions_def=audience_files, group_name="audience_import", deps=[raw_audience_file],
-          kinds={"duckdb", "pandera", "parquet"})
+          kinds={"duckdb", "pandera", "parquet"}, check_specs=VALIDATION_CHECKS)
 def validated_audience_file(context: dg.AssetExecutionContext, audience_workspace: AudienceWorkspace):
     """The file parsed into canonical rows (Parquet, with a pandera contract) plus its rejected rows.
 
@@ -93,10 +135,13 @@ def validated_audience_file(context: dg.AssetExecutionContext, audience_workspac
     if record.status == "failed":
         raise _failure(record)
     if record.finished:
-        return dg.MaterializeResult(metadata={**_counts(record), "rerun": True})
+        return dg.MaterializeResult(metadata={**_counts(record), "rerun": True},
+                                    check_results=_validation_checks(record.rows_total, record.rows_rejected,
+                                                                     record.unmatched))
     if service.catalog.is_applied(record, service.users_sha256()):
         return dg.MaterializeResult(
-            metadata={"import_id": record.import_id, "status": "identical to the applied list; not parsed"}
+            metadata={"import_id": record.import_id, "status": "identical to the applied list; not parsed"},
+            check_results=_validation_checks(0, 0, 0),
         )
     try:
         summary = service.validate(record)
@@ -112,12 +157,13 @@ def validated_audience_file(context: dg.AssetExecutionContext, audience_workspac
             "audiences": ", ".join(summary.audiences),
             "rows_path": dg.MetadataValue.path(str(service.lake.validated_rows(record.import_id))),
             "users_sha256": summary.users_sha256 or "",
-        }
+        },
+        check_results=_validation_checks(summary.rows_total, summary.rows_rejected, summary.unmatched),
     )
 
 
 @dg.asset(partitions_def=audience_files, group_name="audience_import", deps=[validated_audience_file],
-          kinds={"duckdb", "parquet"})
+          kinds={"duckdb", "parquet"}, check_specs=DIFF_CHECKS)
 def membership_diff(context: dg.AssetExecutionContext, audience_workspace: AudienceWorkspace):
     """For every audience the file names: the new member list and the qualify/disqualify sets.
 
@@ -139,7 +185,8 @@ def membership_diff(context: dg.AssetExecutionContext, audience_workspace: Audie
         f"import {final.import_id} {final.status}: +{final.qualified or 0} -{final.disqualified or 0}, "
         f"{final.members or 0} members"
     )
-    return dg.MaterializeResult(metadata={**_counts(final), "rerun": record.finished})
+    return dg.MaterializeResult(metadata={**_counts(final), "rerun": record.finished},
+                                check_results=_diff_checks(final))
 
 
 audience_import_job = dg.define_asset_job(
