@@ -13,8 +13,9 @@ env:
 demo: env
 	$(VENV)/bin/audience-pipeline demo
 
+# Screenshots of the UI test land in test-artifacts/.
 test: env
-	$(VENV)/bin/pytest -q
+	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q
 
 # The Dagster UI and the daemon (which runs the sensors), with DAGSTER_HOME at the repo root.
 dev: env
