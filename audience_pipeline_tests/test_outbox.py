@@ -50,3 +50,18 @@ def test_changes_and_full_list_outboxes(make_env, tmp_path):
     odp = make_env(odp_config, name="odp_ws")
     record = odp.runner.import_file("odp", full)
     assert record.status == "succeeded" and odp.members("promo") == {"u2", "u3", "u4"}
+
+
+def test_outbox_on_s3(make_env, moto_s3):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    client.create_bucket(Bucket="downstream")
+    config = base_config()
+    config["outboxes"] = [{"location": "s3://downstream/odp/", "mode": "full_list",
+                           "s3": {"endpoint_url": moto_s3, "region": "us-east-1"}}]
+    env = make_env(config)
+    record = env.import_file("s3out.csv", "x1\nx2\n")
+    key = f"odp/{record.import_id:012d}/s3out.csv.gz"
+    body = client.get_object(Bucket="downstream", Key=key)["Body"].read()
+    assert {r["user_id"] for r in csv.DictReader(gzip.decompress(body).decode().splitlines())} == {"x1", "x2"}
