@@ -13,6 +13,7 @@ from pathlib import Path
 
 import duckdb
 
+from audience_pipeline import faults
 from audience_pipeline.duck import copy_to_parquet
 from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage.catalog import CurrentVersion, NewVersion
@@ -161,8 +162,10 @@ def compute_diff(
     params = {"rows": str(rows_path)}
     (has_attributes,) = con.execute(HAS_ATTRIBUTES, params).fetchone()
     con.execute(FINAL_STATE if has_attributes else FINAL_STATE_ADDS_ONLY, params)
+    faults.point("diff.final_state")
     (pairs,) = con.execute("SELECT count(*) FROM final_state").fetchone()
     con.execute(TRANSITIONS, {"event_at": event_at})
+    faults.point("diff.transitions")
 
     staged = lake.staging(f"import_{import_id}_members")
     if staged.exists():
@@ -177,7 +180,9 @@ def compute_diff(
                 TO {quote_literal(target)} (FORMAT parquet, COMPRESSION zstd)""",
             [audience_id],
         )
+    faults.point("diff.members_written")
     copy_to_parquet(con, EVENTS, {"event_at": event_at}, lake.events(import_id))
+    faults.point("diff.events_written")
     counts = con.execute(COUNTS).fetchall()
     times = list_times(con, rows_path)
     keys = {v: k for k, v in audience_ids.items()}
@@ -191,6 +196,7 @@ def compute_diff(
                              lake.members_dir(audience_id, import_id))
         lake.publish_tree(lake.members_dir(audience_id, import_id))
     lake.publish(lake.events(import_id))
+    faults.point("diff.moved_into_place")
     shutil.rmtree(staged)
     for table in ("final_state", "transitions", "previous", "audience_map"):
         con.execute(f"DROP TABLE IF EXISTS {table}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 
+from audience_pipeline import faults
 from audience_pipeline.config import S3Options, Workspace
 from audience_pipeline.diff import compute_diff, list_times
 from audience_pipeline.duck import empty_rows, removal_rows, work_connection
@@ -81,8 +82,10 @@ class ImportService:
                 file_name: str | None = None) -> ImportRecord:
         """Copy the delivered object into the content-addressed raw archive and open its import."""
         existing = self.catalog.find_import(partition_key, delivery)
-        if existing is not None:
+        if existing is not None and (existing.finished or existing.sha256 is None
+                                     or self.lake.fetch(self.lake.raw_path(existing.sha256))):
             return existing
+        # new, or a crashed attempt that opened the import but did not archive the file: fetch it again
         feed_name, _, digest = parse_partition_key(partition_key)
         feed = self.workspace.feed(feed_name)
         received_at = datetime.now(UTC)
@@ -104,6 +107,7 @@ class ImportService:
                         break
                     digest_obj.update(chunk)
                     out.write(chunk)
+                    faults.point("receive.staged")
         except SourceChanged as exc:
             staged.unlink(missing_ok=True)
             record = self.catalog.begin_import(
@@ -118,12 +122,14 @@ class ImportService:
         finally:
             source.close()
         sha256 = digest_obj.hexdigest()
+        faults.point("receive.downloaded")
         fmt = get_format(feed.format)
         record = self.catalog.begin_import(
             partition_key=partition_key, delivery=delivery, feed=feed_name, source_uri=source_uri,
             file_name=file_name, sha256=None if over_limit else sha256, size_bytes=size,
             semantics=fmt.semantics(feed).value, run_id=run_id, received_at=received_at,
         )
+        faults.point("receive.begun")
         if over_limit:
             staged.unlink(missing_ok=True)
             return self._fail(record, f"{file_name}: over the feed's limit of {feed.max_file_bytes} bytes")
@@ -134,6 +140,9 @@ class ImportService:
             archived.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, archived)
             self.lake.publish(archived)
+        faults.point("receive.archived")
+        if record.sha256 is not None and record.sha256 != sha256 and not over_limit:
+            return self._fail(record, f"{file_name}: content changed between two attempts of this delivery")
         if listed_version is None and not sha256.startswith(digest):
             return self._fail(
                 record,
@@ -188,6 +197,7 @@ class ImportService:
         finally:
             con.close()
             shutil.rmtree(work, ignore_errors=True)
+        faults.point("validate.files_written")
         summary = Summary(result.rows_total, result.rows_valid, result.rows_rejected, result.unmatched,
                           result.audiences, users_sha, result.warnings)
         tmp = summary_path.with_suffix(".tmp")
@@ -195,6 +205,7 @@ class ImportService:
         os.replace(tmp, summary_path)
         for path in (self.lake.validated_rows(record.import_id), self.lake.rejected(record.import_id), summary_path):
             self.lake.publish(path)
+        faults.point("validate.summary_written")
         return summary
 
     def _fail(self, record: ImportRecord, reason: str) -> ImportRecord:
@@ -221,6 +232,7 @@ class ImportService:
         feed = self.workspace.feed(record.feed)
         semantics = Semantics(get_format(feed.format).semantics(feed))
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
+        faults.point("apply.audiences_registered")
         union_parts = getattr(get_format(feed.format), "UNION_SAME_LIST_TIME", False)
         return self._commit(record, semantics, self.lake.validated_rows(record.import_id), audience_ids,
                             summary, union_parts, dry_run=dry_run)
@@ -296,10 +308,14 @@ class ImportService:
             shutil.rmtree(work, ignore_errors=True)
         if semantics == Semantics.REPLACE:
             self._supersede(record, names)
+        faults.point("apply.superseded")
         self.publish_outboxes(self.catalog.get_import(record.import_id), audience_ids)
+        faults.point("apply.outboxes")
         self.catalog.prune_versions(timedelta(days=self.workspace.config.storage.retention_days))
+        faults.point("apply.pruned")
         if self.lake.remote is not None:
             self.lake.trim_cache(self.catalog.current_member_files(), self.workspace.config.storage.cache_max_bytes)
+        faults.point("apply.done")
         return self.catalog.get_import(record.import_id)
 
     @staticmethod

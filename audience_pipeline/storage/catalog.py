@@ -19,6 +19,7 @@ from pathlib import Path
 
 import duckdb
 
+from audience_pipeline import faults
 from audience_pipeline.model import TERMINAL_STATUSES
 from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage import statements as sql
@@ -324,6 +325,8 @@ class Catalog:
                      v.next_expiry],
                 )
             self._finish(con, record.import_id, "succeeded", outcome, None, now)
+            faults.point("commit.in_transaction")
+        faults.point("commit.committed")
         with self.session() as con:
             self.export_snapshot(con)
         return True
@@ -424,8 +427,10 @@ class Catalog:
         if self.lake.remote is not None:
             # on an S3 lake, the new snapshot object appearing is the commit point
             self.lake.remote.upload(staged / "snapshot.parquet", self.lake.relative(final / "snapshot.parquet"))
+        faults.point("export.written")
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)
+        faults.point("export.renamed")
         self._prune_snapshots(seq)
 
     def _prune_snapshots(self, newest: int) -> None:
