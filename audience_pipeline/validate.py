@@ -28,6 +28,8 @@ from audience_pipeline.users import UsersRegistry
 
 SNIFF_BYTES = 64 * 1024
 CONTROL_CHARACTERS = r"[\x00-\x08\x0B-\x1F\x7F]"
+# Audience names are data (stored and shown verbatim; paths use audience ids), within reason.
+MAX_AUDIENCE_NAME = 1000
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ def validate_file(
                coalesce(
             p.reject_reason,
             CASE
+                WHEN p.audience_key IS NULL OR trim(p.audience_key) = '' THEN 'missing_audience'
+                WHEN regexp_matches(p.audience_key, $control_chars) THEN 'audience_name_control_character'
+                WHEN length(p.audience_key) > $max_audience_name THEN 'audience_name_too_long'
                 WHEN regexp_matches(p.identifier, $control_chars) THEN $r_control
                 WHEN length(p.identifier) < $min_length THEN $r_too_short
                 WHEN length(p.identifier) > $max_length THEN $r_too_long
@@ -111,6 +116,7 @@ def validate_file(
         "min_length": rules.min_length, "r_too_short": REJECT_TOO_SHORT,
         "max_length": rules.max_length, "r_too_long": REJECT_TOO_LONG,
         "pattern": rules.pattern, "r_pattern": REJECT_PATTERN, "hashed_types": hashed_types,
+        "max_audience_name": MAX_AUDIENCE_NAME,
     }
     if users is not None:
         lookup_sql, lookup_params = users.lookup_query(con, mappings)
