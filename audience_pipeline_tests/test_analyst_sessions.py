@@ -37,7 +37,7 @@ def test_imports_succeed_while_an_analyst_session_is_open(env, tmp_path):
     )
     try:
         assert analyst.stdout.readline().strip() == "ready"
-        sizes = [100, 200, 50, 200, 100, 150]
+        sizes = [100, 200, 50, 250, 150] * 10  # 50 imports
         records = []
         for n in sizes:
             content = "".join(f"user{i:05d}\n" for i in range(n))
@@ -54,4 +54,5 @@ def test_imports_succeed_while_an_analyst_session_is_open(env, tmp_path):
         assert members in {0, *sizes}
         assert pointer_count in {0, *sizes}
         assert balance in {0, *sizes}
+    assert len(result["seen"]) > 50
     assert env.members("live") == {f"user{i:05d}" for i in range(150)}
