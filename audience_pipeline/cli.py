@@ -143,6 +143,11 @@ def poll(feed: str | None, config: str | None) -> None:
             raise CliError(str(exc)) from None
         with console.status(f"polling {name} ...", spinner="dots"):
             records = runner.poll(name)
+        for problem in runner.unrecorded:
+            err.print(f"{name}: {problem}")
+        if runner.unrecorded:
+            failed.extend(runner.unrecorded)
+            runner.unrecorded.clear()
         if not records:
             console.print(f"{name}: no new files")
         for record in records:
@@ -150,7 +155,8 @@ def poll(feed: str | None, config: str | None) -> None:
             if record.status == "failed":
                 failed.append(record)
     if failed:
-        raise CliError(f"{len(failed)} import(s) failed: " + "; ".join(f"{r.file_name}: {r.error}" for r in failed))
+        raise CliError(f"{len(failed)} import(s) failed: " + "; ".join(
+            r if isinstance(r, str) else f"{r.file_name}: {r.error}" for r in failed))
 
 
 @main.command()

@@ -133,6 +133,10 @@ class FeedConfig(_Strict):
     # an upload).
     cursor_lookback_seconds: float | None = Field(default=None, ge=0)
     max_runs_per_tick: int = Field(default=200, ge=1)
+    # A download cut off or refused by an overloaded server is tried again this many times, waiting
+    # retry_backoff_seconds, then twice as long, and so on; then the run fails and a later tick retries.
+    download_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=1.0, ge=0)
     # Repro's "audience limits set for each project": a file that would create one more audience fails.
     max_audiences: int | None = Field(default=None, ge=1)
     gate: GateConfig = GateConfig()

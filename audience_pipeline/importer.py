@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
 from audience_pipeline.notify import Notifier
 from audience_pipeline.outbox import write_outboxes
-from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, source_for_uri
+from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, SourceTransient, source_for_uri
 from audience_pipeline.storage.catalog import Catalog, CommitRefused, ImportRecord, Outcome
 from audience_pipeline.storage.lake import Lake
 from audience_pipeline.storage.remote import RemoteStore
@@ -94,34 +95,33 @@ class ImportService:
         source, key = source_for_uri(source_uri, self.s3_client(feed.s3) if self.s3_client else None, feed.sftp)
         # A sensor's delivery names the exact version it listed; read that one or learn it was replaced.
         listed_version = delivery.removeprefix("source:") if delivery.startswith("source:") else None
-        digest_obj = hashlib.sha256()
-        size = 0
-        over_limit = False
-        try:
-            with source.open(key, listed_version) as (stream, obj), open(staged, "wb") as out:
-                file_name = file_name or obj.name
-                while chunk := stream.read(1 << 20):
-                    size += len(chunk)
-                    if size > feed.max_file_bytes:
-                        over_limit = True
-                        break
-                    digest_obj.update(chunk)
-                    out.write(chunk)
-                    faults.point("receive.staged")
-        except SourceChanged as exc:
-            staged.unlink(missing_ok=True)
-            record = self.catalog.begin_import(
-                partition_key=partition_key, delivery=delivery, feed=feed_name, source_uri=source_uri,
-                file_name=key.rsplit("/", 1)[-1], sha256=None, size_bytes=None,
-                semantics=get_format(feed.format).semantics(feed).value, run_id=run_id, received_at=received_at,
-            )
-            return self._fail(record, f"{exc}; the new version is a delivery of its own")
-        except SourceError:
-            staged.unlink(missing_ok=True)
-            raise
-        finally:
-            source.close()
-        sha256 = digest_obj.hexdigest()
+        attempt = 0
+        while True:
+            try:
+                obj_name, sha256, size, over_limit = self._download(source, key, listed_version, staged,
+                                                                    feed.max_file_bytes)
+                break
+            except SourceChanged as exc:
+                staged.unlink(missing_ok=True)
+                record = self.catalog.begin_import(
+                    partition_key=partition_key, delivery=delivery, feed=feed_name, source_uri=source_uri,
+                    file_name=key.rsplit("/", 1)[-1], sha256=None, size_bytes=None,
+                    semantics=get_format(feed.format).semantics(feed).value, run_id=run_id,
+                    received_at=received_at,
+                )
+                return self._fail(record, f"{exc}; the new version is a delivery of its own")
+            except SourceTransient as exc:
+                staged.unlink(missing_ok=True)
+                attempt += 1
+                if attempt >= feed.download_attempts:
+                    raise SourceError(f"{exc}; gave up after {attempt} attempts (a later poll tries again)") from None
+                time.sleep(feed.retry_backoff_seconds * 2 ** (attempt - 1))
+            except SourceError:
+                staged.unlink(missing_ok=True)
+                raise
+            finally:
+                source.close()
+        file_name = file_name or obj_name
         faults.point("receive.downloaded")
         fmt = get_format(feed.format)
         record = self.catalog.begin_import(
@@ -150,6 +150,21 @@ class ImportService:
                 "the new content is a new version and will be imported on its own",
             )
         return record
+
+    @staticmethod
+    def _download(source, key: str, version: str | None, staged: Path, max_bytes: int) -> tuple[str, str, int, bool]:
+        """Stream one object into ``staged``: (name, sha256, size, over the size limit)."""
+        digest = hashlib.sha256()
+        size = 0
+        with source.open(key, version) as (stream, obj), open(staged, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                size += len(chunk)
+                if size > max_bytes:
+                    return obj.name, digest.hexdigest(), size, True
+                digest.update(chunk)
+                out.write(chunk)
+                faults.point("receive.staged")
+        return obj.name, digest.hexdigest(), size, False
 
     def record_for(self, partition_key: str, delivery: str | None) -> ImportRecord:
         """The import a step works on: this delivery's, or for a manual re-materialization the latest."""

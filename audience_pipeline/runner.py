@@ -22,6 +22,20 @@ from audience_pipeline.workspace_setup import prepare
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
+def _failure_reason(result) -> str:
+    for event in reversed(result.all_events):
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            return error.message.strip()
+    return "see the run in the Dagster UI"
+
+
+class RunNotRecorded(RuntimeError):
+    """The run failed before its import existed (the source could not be read)."""
+
+
 def instance_for(workspace: Workspace) -> dg.DagsterInstance:
     """DAGSTER_HOME when set, else the workspace folder (where `init` writes dagster.yaml).
 
@@ -50,6 +64,7 @@ class Runner:
     quiet: bool = True
 
     def __post_init__(self) -> None:
+        self.unrecorded: list[str] = []
         self.defs = build_definitions(self.workspace)
         self.resource = AudienceWorkspace(config_path=str(self.workspace.path))
         self.service = self.resource.service()
@@ -58,7 +73,7 @@ class Runner:
     def run(self, pkey: str, delivery: str, source_uri: str, extra_tags: dict | None = None) -> ImportRecord:
         self.instance.add_dynamic_partitions(audience_files.name, [pkey])
         job = self.defs.resolve_job_def("audience_import_job")
-        job.execute_in_process(
+        result = job.execute_in_process(
             partition_key=pkey,
             instance=self.instance,
             tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: source_uri, **(extra_tags or {})},
@@ -67,7 +82,8 @@ class Runner:
         )
         record = self.service.catalog.find_import(pkey, delivery)
         if record is None:
-            raise RuntimeError(f"the run for {pkey} ended before its import was recorded (see the Dagster UI)")
+            raise RunNotRecorded(f"the run for {pkey} failed before its import was recorded: "
+                                 f"{_failure_reason(result)}")
         return record
 
     def import_file(self, feed: str, path: Path, dry_run: bool = False) -> ImportRecord:
@@ -101,9 +117,12 @@ class Runner:
         records = []
         if isinstance(result, dg.SensorResult):
             for request in result.run_requests or []:
-                extra = {k: v for k, v in request.tags.items() if k == TAG_DRY_RUN}
-                records.append(self.run(request.partition_key, request.tags[TAG_DELIVERY],
-                                        request.tags[TAG_SOURCE_URI], extra))
+                extra = {k: v for k, v in request.tags.items() if k not in (TAG_DELIVERY, TAG_SOURCE_URI)}
+                try:
+                    records.append(self.run(request.partition_key, request.tags[TAG_DELIVERY],
+                                            request.tags[TAG_SOURCE_URI], extra))
+                except RunNotRecorded as exc:
+                    self.unrecorded.append(str(exc))  # a later poll asks for it again
             if result.cursor is not None:
                 self.service.catalog.set_cursor(feed, result.cursor)
         return records

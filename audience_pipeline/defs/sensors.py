@@ -1,10 +1,14 @@
+from datetime import UTC, datetime, timedelta
+
 import dagster as dg
 
 from audience_pipeline.config import FeedConfig
 from audience_pipeline.cursor import Cursor
 from audience_pipeline.defs.assets import (
+    TAG_ATTEMPT,
     TAG_DELIVERY,
     TAG_DRY_RUN,
+    TAG_FEED,
     TAG_SOURCE_URI,
     audience_files,
     audience_import_job,
@@ -44,7 +48,8 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
             context.log.info(f"{key} disappeared before it could be read; its audience is unchanged")
         if result.backlog:
             context.log.info(f"{result.backlog} more new files wait for the next tick")
-        if not result.deliveries:
+        retries = _retry_requests(context, feed_name, audience_workspace)
+        if not result.deliveries and not retries:
             return dg.SensorResult(skip_reason=f"no new files among {result.listed} listed",
                                    cursor=result.cursor.dumps())
         return dg.SensorResult(
@@ -52,15 +57,51 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
                 dg.RunRequest(
                     run_key=d.run_key,
                     partition_key=d.partition_key,
-                    tags={TAG_DELIVERY: d.delivery, TAG_SOURCE_URI: d.source_uri,
+                    tags={TAG_DELIVERY: d.delivery, TAG_SOURCE_URI: d.source_uri, TAG_FEED: feed_name,
                           **({TAG_DRY_RUN: "true"} if d.dry_run else {})},
                 )
                 for d in result.deliveries
-            ],
+            ] + retries,
             dynamic_partitions_requests=[
                 audience_files.build_add_request(sorted({d.partition_key for d in result.deliveries}))
-            ],
+            ] if result.deliveries else [],
             cursor=result.cursor.dumps(),
         )
 
     return _sensor
+
+
+MAX_ATTEMPTS = 5
+RETRY_WINDOW_SECONDS = 86400
+
+
+def _retry_requests(context: dg.SensorEvaluationContext, feed_name: str,
+                    audience_workspace: AudienceWorkspace) -> list[dg.RunRequest]:
+    """Ask again for deliveries whose latest run failed before recording an import (the source was
+    unreachable or cut the download): the cursor has moved past them, so nothing else would."""
+    failed = context.instance.get_runs(
+        filters=dg.RunsFilter(job_name=audience_import_job.name, statuses=[dg.DagsterRunStatus.FAILURE],
+                              tags={TAG_FEED: feed_name},
+                              updated_after=datetime.now(UTC) - timedelta(seconds=RETRY_WINDOW_SECONDS)),
+        limit=100,
+    )
+    catalog = audience_workspace.service().catalog
+    requests = []
+    for run in failed:
+        partition, delivery = run.tags.get("dagster/partition"), run.tags.get(TAG_DELIVERY)
+        attempt = int(run.tags.get(TAG_ATTEMPT, "1"))
+        if not partition or not delivery or attempt >= MAX_ATTEMPTS:
+            continue
+        if catalog.find_import(partition, delivery) is not None:
+            continue  # the import recorded its outcome; failures of files are not retried
+        latest = context.instance.get_runs(
+            filters=dg.RunsFilter(tags={"dagster/partition": partition, TAG_DELIVERY: delivery}), limit=1)
+        if latest and latest[0].run_id != run.run_id:
+            continue  # a later attempt exists
+        context.log.info(f"retrying {partition} ({delivery}), attempt {attempt + 1}")
+        requests.append(dg.RunRequest(
+            run_key=f"{partition}|{delivery}|attempt:{attempt + 1}", partition_key=partition,
+            tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: run.tags.get(TAG_SOURCE_URI, ""), TAG_FEED: feed_name,
+                  TAG_ATTEMPT: str(attempt + 1)},
+        ))
+    return requests

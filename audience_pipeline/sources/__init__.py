@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from audience_pipeline.sources.base import DropSource, SourceChanged, SourceError, SourceObject
+from audience_pipeline.sources.base import DropSource, SourceChanged, SourceError, SourceObject, SourceTransient
 from audience_pipeline.sources.local import LocalDropSource
 from audience_pipeline.sources.s3 import S3DropSource, parse_s3_uri
 from audience_pipeline.sources.sftp import SftpDropSource, parse_sftp_uri
@@ -48,5 +48,5 @@ def source_for_uri(uri: str, s3_client: S3ClientFactory | None = None, sftp=None
 
 __all__ = [
     "DropSource", "LocalDropSource", "S3ClientFactory", "S3DropSource", "SftpDropSource", "SourceChanged",
-    "SourceError", "SourceObject", "open_source", "source_for_uri",
+    "SourceError", "SourceObject", "SourceTransient", "open_source", "source_for_uri",
 ]

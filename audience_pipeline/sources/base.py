@@ -12,6 +12,10 @@ class SourceError(RuntimeError):
     """The object cannot be read (gone, denied, unreachable)."""
 
 
+class SourceTransient(SourceError):
+    """A network fault or an overloaded server: trying again later may succeed."""
+
+
 class SourceChanged(SourceError):
     """The object was replaced after it was listed: the listed version no longer exists to be read."""
 

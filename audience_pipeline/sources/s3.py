@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
+import urllib3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject
+from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject, SourceTransient
 
 LIST_PAGE_SIZE = 1000
 
@@ -99,14 +100,30 @@ class S3DropSource:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "412", "NoSuchVersion"):
                 raise SourceChanged(f"{self._uri(self.prefix + key)} was replaced after it was listed") from None
-            raise SourceError(f"cannot read {self._uri(self.prefix + key)}: {_reason(exc)}") from None
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            kind = SourceTransient if status >= 500 or code in ("SlowDown", "RequestTimeout") else SourceError
+            raise kind(f"cannot read {self._uri(self.prefix + key)}: {_reason(exc)}") from None
         except BotoCoreError as exc:
-            raise SourceError(f"cannot read {self._uri(self.prefix + key)}: {_reason(exc)}") from None
+            raise SourceTransient(f"cannot read {self._uri(self.prefix + key)}: {_reason(exc)}") from None
         body = response["Body"]
         try:
-            yield body, self._object(key, response)
+            yield _Guarded(body, self._uri(self.prefix + key)), self._object(key, response)
         finally:
             body.close()
+
+
+class _Guarded:
+    """A response body whose read errors (a connection cut mid-download) become SourceTransient."""
+
+    def __init__(self, body, uri: str):
+        self.body = body
+        self.uri = uri
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.body.read(size)
+        except (BotoCoreError, OSError, urllib3.exceptions.HTTPError) as exc:
+            raise SourceTransient(f"reading {self.uri} broke off: {type(exc).__name__}") from None
 
 
 def _reason(exc: Exception) -> str:

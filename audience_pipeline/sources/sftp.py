@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import paramiko
 
-from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject
+from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject, SourceTransient
 
 CHUNK = 1 << 20
 
@@ -76,10 +76,13 @@ class SftpDropSource:
             ssh.connect(self.host, port=self.port, username=self.user, timeout=self.options.timeout_seconds,
                         allow_agent=False, look_for_keys=False, **self._credentials())
             self._sftp = ssh.open_sftp()
-        except (paramiko.SSHException, OSError) as exc:
+        except paramiko.AuthenticationException as exc:
+            ssh.close()
+            raise SourceError(f"cannot log in to {self.location}: {type(exc).__name__}: {exc}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
             ssh.close()
             # the exception text never holds the password; its class and message name the cause
-            raise SourceError(f"cannot connect to {self.location}: {type(exc).__name__}: {exc}") from None
+            raise SourceTransient(f"cannot connect to {self.location}: {type(exc).__name__}: {exc}") from None
         self._ssh = ssh
         return self._sftp
 
