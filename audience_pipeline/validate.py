@@ -59,6 +59,8 @@ def precheck_text(text_path: Path, file_name: str) -> None:
         raise FileRejected(f"{file_name}: empty file")
     with open(text_path, "rb") as fh:
         head = fh.read(SNIFF_BYTES)
+    if head.startswith(b"\x1f\x8b"):
+        raise FileRejected(f"{file_name}: gzip-compressed, but this format expects plain text")
     nul = head.find(b"\x00")
     if nul >= 0:
         line = head.count(b"\n", 0, nul) + 1
@@ -90,7 +92,7 @@ def validate_file(
     hashed_types = sorted(t for t, m in mappings.items() if m.hash)
     try:
         parse_sql, parse_params = fmt.parse_query(text_path, file_name, feed, work_dir, received_at)
-    except pl.exceptions.PolarsError as exc:
+    except (pl.exceptions.PolarsError, OSError) as exc:
         raise FileRejected(f"{file_name}: cannot be read as text: {str(exc).splitlines()[0]}") from exc
 
     rules = feed.ids
