@@ -6,6 +6,7 @@ outcome and changes nothing; a re-run after a crash redoes the unfinished steps 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -445,20 +446,9 @@ class ImportService:
         audience_id = self.catalog.find_audience(feed, name)
         if audience_id is None:
             raise LookupError(f"no audience {name!r} in feed {feed!r}")
-        at = datetime.now(UTC)
-        record = self.catalog.begin_import(
-            partition_key=f"{feed}:delete:{audience_id}", delivery=f"delete:{audience_id}", feed=feed,
-            source_uri="delete-audience", file_name="(delete audience)", sha256=None, size_bytes=None,
-            semantics=Semantics.REPLACE.value, run_id=None, received_at=at,
-        )
-        if record.finished:
-            return record
-        empty = self.lake.staging(f"delete_{record.import_id}.parquet")
-        empty_rows(empty)
-        try:
-            return self._commit(record, Semantics.REPLACE, empty, {name: audience_id}, None, delete=True)
-        finally:
-            empty.unlink(missing_ok=True)
+        return self._operation(feed, f"delete:{audience_id}", f"delete:{audience_id}", "delete-audience",
+                               "(delete audience)", Semantics.REPLACE, datetime.now(UTC), {name: audience_id},
+                               empty_rows, delete=True)
 
     def forget_user(self, user_id: str) -> tuple[list[ImportRecord], int]:
         """Take the user out of every audience (with disqualify events), then erase them from the lake.
@@ -471,17 +461,10 @@ class ImportService:
         records = []
         for feed in sorted({f for f, _, _ in memberships}):
             audience_ids = {name: a for f, name, a in memberships if f == feed}
-            record = self.catalog.begin_import(
-                partition_key=f"{feed}:erasure:{digest[:12]}", delivery=f"erasure:{digest}:{at.isoformat()}",
-                feed=feed, source_uri="forget-user", file_name="(erasure)", sha256=None, size_bytes=None,
-                semantics=Semantics.INCREMENTAL.value, run_id=None, received_at=at,
-            )
-            rows = self.lake.staging(f"erasure_{record.import_id}.parquet")
-            removal_rows(rows, user_id, sorted(audience_ids))
-            try:
-                records.append(self._commit(record, Semantics.INCREMENTAL, rows, audience_ids, None, released=True))
-            finally:
-                rows.unlink(missing_ok=True)
+            records.append(self._operation(
+                feed, f"erasure:{digest[:12]}", f"erasure:{digest}:{at.isoformat()}", "forget-user", "(erasure)",
+                Semantics.INCREMENTAL, at, audience_ids,
+                functools.partial(removal_rows, user_id=user_id, audiences=sorted(audience_ids)), released=True))
         con = duckdb.connect(":memory:")
         try:
             identifiers = identifiers_of(con, self.lake, user_id)
@@ -500,18 +483,24 @@ class ImportService:
         records = []
         for feed in sorted({f for _, f, _ in due}):
             audience_ids = {name: audience_id for audience_id, f, name in due if f == feed}
-            record = self.catalog.begin_import(
-                partition_key=f"{feed}:expiry:{at.strftime('%Y%m%dT%H%M%S')}", delivery=f"expiry:{at.isoformat()}",
-                feed=feed, source_uri="expiry sweep", file_name="(expiry sweep)", sha256=None, size_bytes=None,
-                semantics=Semantics.INCREMENTAL.value, run_id=None, received_at=at,
-            )
-            if record.finished:
-                records.append(record)
-                continue
-            empty = self.lake.staging(f"expiry_{record.import_id}.parquet")
-            empty_rows(empty)
-            try:
-                records.append(self._commit(record, Semantics.INCREMENTAL, empty, audience_ids, None))
-            finally:
-                empty.unlink(missing_ok=True)
+            records.append(self._operation(
+                feed, f"expiry:{at.strftime('%Y%m%dT%H%M%S')}", f"expiry:{at.isoformat()}", "expiry sweep",
+                "(expiry sweep)", Semantics.INCREMENTAL, at, audience_ids, empty_rows))
         return records
+
+    def _operation(self, feed: str, key: str, delivery: str, source: str, label: str, semantics: Semantics,
+                   at: datetime, audience_ids: dict[str, int], write_rows, **commit_options) -> ImportRecord:
+        """An import no file delivered (a deletion, an erasure, an expiry sweep), recorded in the activity log
+        like any other; ``write_rows(path)`` writes its canonical rows."""
+        record = self.catalog.begin_import(
+            partition_key=f"{feed}:{key}", delivery=delivery, feed=feed, source_uri=source, file_name=label,
+            sha256=None, size_bytes=None, semantics=semantics.value, run_id=None, received_at=at,
+        )
+        if record.finished:
+            return record
+        rows = self.lake.staging(f"operation_{record.import_id}.parquet")
+        write_rows(rows)
+        try:
+            return self._commit(record, semantics, rows, audience_ids, None, **commit_options)
+        finally:
+            rows.unlink(missing_ok=True)
