@@ -25,6 +25,7 @@ from audience_pipeline.diff import compute_diff, list_times
 from audience_pipeline.duck import empty_rows, removal_rows, work_connection
 from audience_pipeline.erasure import identifiers_of, scrub_lake
 from audience_pipeline.formats import FileRejected, get_format
+from audience_pipeline.hashing import sha256_file
 from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
 from audience_pipeline.notify import Notifier
@@ -37,6 +38,10 @@ from audience_pipeline.users import RegistryError, UsersRegistry
 from audience_pipeline.validate import ValidationResult, validate_file
 
 COMMIT_ATTEMPTS = 5
+
+
+def feed_name_of(partition_key: str) -> str:
+    return parse_partition_key(partition_key)[0]
 
 
 class ImportFailed(Exception):
@@ -93,35 +98,30 @@ class ImportService:
         received_at = datetime.now(UTC)
         staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
         staged.parent.mkdir(parents=True, exist_ok=True)
-        source, key = source_for_uri(source_uri, self.s3_client(feed.s3) if self.s3_client else None, feed.sftp)
-        # A sensor's delivery names the exact version it listed; read that one or learn it was replaced.
-        listed_version = delivery.removeprefix("source:") if delivery.startswith("source:") else None
-        attempt = 0
-        while True:
-            try:
-                obj_name, sha256, size, over_limit = self._download(source, key, listed_version, staged,
-                                                                    feed.max_file_bytes)
-                break
-            except SourceChanged as exc:
-                staged.unlink(missing_ok=True)
-                record = self.catalog.begin_import(
-                    partition_key=partition_key, delivery=delivery, feed=feed_name, source_uri=source_uri,
-                    file_name=key.rsplit("/", 1)[-1], sha256=None, size_bytes=None,
-                    semantics=get_format(feed.format).semantics(feed).value, run_id=run_id,
-                    received_at=received_at,
-                )
-                return self._fail(record, f"{exc}; the new version is a delivery of its own")
-            except SourceTransient as exc:
-                staged.unlink(missing_ok=True)
-                attempt += 1
-                if attempt >= feed.download_attempts:
-                    raise SourceError(f"{exc}; gave up after {attempt} attempts (a later poll tries again)") from None
-                time.sleep(feed.retry_backoff_seconds * 2 ** (attempt - 1))
-            except SourceError:
-                staged.unlink(missing_ok=True)
-                raise
-            finally:
-                source.close()
+        # A delivery is one object, or (parts of one list found together) several, concatenated in order.
+        if delivery.startswith("parts:"):
+            parts = list(zip(json.loads(source_uri), json.loads(delivery[len("parts:"):]), strict=True))
+        else:
+            parts = [(source_uri, delivery)]
+        listed = all(d.startswith("source:") for _, d in parts)
+        digest_obj = hashlib.sha256()
+        size, over_limit, retried, obj_name = 0, False, False, None
+        with open(staged, "w+b") as out:
+            for part_uri, part_delivery in parts:
+                if size and os.pread(out.fileno(), 1, size - 1) != b"\n":
+                    out.write(b"\n")  # parts are concatenated line-wise
+                    digest_obj.update(b"\n")
+                    size += 1
+                context = (partition_key, delivery, source_uri, run_id, received_at, staged)
+                obj_name, part_size, over_limit, part_retried = self._receive_part(
+                    part_uri, part_delivery, feed, out, digest_obj, feed.max_file_bytes - size, context)
+                size += part_size
+                retried = retried or part_retried
+                out.flush()
+                if over_limit:
+                    break
+        # a retried download hashed bytes it then threw away: hash the file as it stands
+        sha256 = sha256_file(staged) if retried else digest_obj.hexdigest()
         file_name = file_name or obj_name
         faults.point("receive.downloaded")
         fmt = get_format(feed.format)
@@ -142,9 +142,9 @@ class ImportService:
             os.replace(staged, archived)
             self.lake.publish(archived)
         faults.point("receive.archived")
-        if record.sha256 is not None and record.sha256 != sha256 and not over_limit:
+        if record.sha256 is not None and record.sha256 != sha256:
             return self._fail(record, f"{file_name}: content changed between two attempts of this delivery")
-        if listed_version is None and not sha256.startswith(digest):
+        if not listed and not sha256.startswith(digest):
             return self._fail(
                 record,
                 f"{file_name}: content changed after it was listed (sha256 {sha256[:8]}, expected {digest}); "
@@ -152,20 +152,55 @@ class ImportService:
             )
         return record
 
+    def _receive_part(self, uri: str, delivery: str, feed, out, digest, budget: int, context: tuple):
+        """Append one object to the staged file, retrying transient faults with backoff:
+        (name, size, over the limit, retried)."""
+        partition_key, import_delivery, import_uri, run_id, received_at, staged = context
+        source, key = source_for_uri(uri, self.s3_client(feed.s3) if self.s3_client else None, feed.sftp)
+        # A sensor's delivery names the exact version it listed; read that one or learn it was replaced.
+        listed_version = delivery.removeprefix("source:") if delivery.startswith("source:") else None
+        start = out.tell()
+        attempt = 0
+        while True:
+            try:
+                name, size, over_limit = self._download(source, key, listed_version, out, digest, budget)
+                return name, size, over_limit, attempt > 0
+            except SourceChanged as exc:
+                staged.unlink(missing_ok=True)
+                record = self.catalog.begin_import(
+                    partition_key=partition_key, delivery=import_delivery, feed=feed_name_of(partition_key),
+                    source_uri=import_uri, file_name=key.rsplit("/", 1)[-1], sha256=None, size_bytes=None,
+                    semantics=get_format(feed.format).semantics(feed).value, run_id=run_id,
+                    received_at=received_at,
+                )
+                return self._fail(record, f"{exc}; the new version is a delivery of its own")
+            except SourceTransient as exc:
+                attempt += 1
+                if attempt >= feed.download_attempts:
+                    staged.unlink(missing_ok=True)
+                    raise SourceError(f"{exc}; gave up after {attempt} attempts (a later poll tries again)") from None
+                out.seek(start)
+                out.truncate()
+                time.sleep(feed.retry_backoff_seconds * 2 ** (attempt - 1))
+            except SourceError:
+                staged.unlink(missing_ok=True)
+                raise
+            finally:
+                source.close()
+
     @staticmethod
-    def _download(source, key: str, version: str | None, staged: Path, max_bytes: int) -> tuple[str, str, int, bool]:
-        """Stream one object into ``staged``: (name, sha256, size, over the size limit)."""
-        digest = hashlib.sha256()
+    def _download(source, key: str, version: str | None, out, digest, max_bytes: int) -> tuple[str, int, bool]:
+        """Stream one object onto ``out``: (name, size, over the size limit)."""
         size = 0
-        with source.open(key, version) as (stream, obj), open(staged, "wb") as out:
+        with source.open(key, version) as (stream, obj):
             while chunk := stream.read(1 << 20):
                 size += len(chunk)
                 if size > max_bytes:
-                    return obj.name, digest.hexdigest(), size, True
+                    return obj.name, size, True
                 digest.update(chunk)
                 out.write(chunk)
                 faults.point("receive.staged")
-        return obj.name, digest.hexdigest(), size, False
+        return obj.name, size, False
 
     def record_for(self, partition_key: str, delivery: str | None) -> ImportRecord:
         """The import a step works on: this delivery's, or for a manual re-materialization the latest."""

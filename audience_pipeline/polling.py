@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from audience_pipeline.config import FeedConfig
@@ -76,6 +78,8 @@ def poll_feed(feed_name: str, feed: FeedConfig, source: DropSource, cursor: Curs
                 size=seen.size,
             )
         )
+    if hasattr(fmt, "group_name"):
+        deliveries = _group_parts(feed_name, feed, fmt, deliveries)
     anomaly = None
     if cursor.listed >= SHRINK_ALERT_MIN_OBJECTS and listed < cursor.listed * SHRINK_ALERT_RATIO:
         anomaly = (f"{source.location} listed {listed} objects, down from {cursor.listed}: check permissions and "
@@ -83,3 +87,27 @@ def poll_feed(feed_name: str, feed: FeedConfig, source: DropSource, cursor: Curs
     plan.cursor.listed = listed
     return PollResult(deliveries=deliveries, cursor=plan.cursor, ignored=ignored, vanished=vanished,
                       backlog=plan.backlog, listed=listed, anomaly=anomaly)
+
+
+def _group_parts(feed_name: str, feed: FeedConfig, fmt, deliveries: list[Delivery]) -> list[Delivery]:
+    """Files that are parts of one list (Attentive: one date, ``_1``, ``_2``...) found in the same listing
+    become one import, so an analyst never sees the list with only some of its parts."""
+    groups: dict[str, list[Delivery]] = {}
+    for d in deliveries:
+        name = fmt.group_name(d.key.rsplit("/", 1)[-1], feed)
+        groups.setdefault(name or f"\0{d.key}", []).append(d)
+    merged = []
+    for name, parts in groups.items():
+        if len(parts) == 1:
+            merged.append(parts[0])
+            continue
+        parts.sort(key=lambda d: d.key)
+        digest = hashlib.sha256("".join(p.partition_key for p in parts).encode()).hexdigest()
+        merged.append(Delivery(
+            partition_key=partition_key(feed_name, name, digest),
+            delivery="parts:" + json.dumps([p.delivery for p in parts], separators=(",", ":")),
+            source_uri=json.dumps([p.source_uri for p in parts], separators=(",", ":")),
+            key=name,
+            size=sum(p.size for p in parts),
+        ))
+    return merged

@@ -123,9 +123,10 @@ def test_a_file_still_being_written_waits_for_its_quiet_period_or_marker(attenti
            age_seconds=300)
     upload(sftp_server, "sirendenim_subscriber_segment_20201125_2.csv", "2125550102, grow\n")
     upload(sftp_server, "sirendenim_subscriber_segment_20201125_2.csv.done", "")
-    records = env.runner.poll("attentive")
-    assert sorted(r.file_name for r in records) == ["sirendenim_subscriber_segment_20201125_1.csv",
-                                                   "sirendenim_subscriber_segment_20201125_2.csv"]
+    records = env.runner.poll("attentive")  # both parts complete now, found together: one import
+    assert not env.runner.unrecorded, env.runner.unrecorded
+    [record] = records
+    assert "_1.csv" in record.source_uri and "_2.csv" in record.source_uri
     assert env.members("grow") == {"+12125550100", "+12125550101", "+12125550102"}
 
 
@@ -145,3 +146,16 @@ def test_default_interval_is_a_day_and_the_host_key_is_verified(attentive, sftp_
         poll_feed("attentive", feed, source, Cursor())
     assert "BadHostKeyException" in str(info.value) or "host key" in str(info.value).lower()
     assert sftp_server.password not in str(info.value)
+
+
+def test_parts_found_in_one_listing_are_one_import(attentive, sftp_server):
+    env = attentive()
+    upload(sftp_server, "sirendenim_subscriber_segment_20201124.csv", "2125550100, list\n")
+    env.runner.poll("attentive")
+    upload(sftp_server, "sirendenim_subscriber_segment_20201125_1.csv", "2125550101, list\n2125550102, list")
+    upload(sftp_server, "sirendenim_subscriber_segment_20201125_2.csv", "2125550103, list\n")
+    [record] = env.runner.poll("attentive")  # both parts: one import, one commit
+    assert record.file_name == "sirendenim_subscriber_segment_20201125.csv"
+    assert "_1.csv" in record.source_uri and "_2.csv" in record.source_uri
+    assert (record.qualified, record.disqualified, record.members) == (3, 1, 3)
+    assert env.members("list") == {"+12125550101", "+12125550102", "+12125550103"}

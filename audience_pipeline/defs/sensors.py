@@ -9,6 +9,7 @@ from audience_pipeline.defs.assets import (
     TAG_DELIVERY,
     TAG_DRY_RUN,
     TAG_FEED,
+    TAG_FILE_NAME,
     TAG_SOURCE_URI,
     audience_files,
     audience_import_job,
@@ -58,7 +59,8 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
                     run_key=d.run_key,
                     partition_key=d.partition_key,
                     tags={TAG_DELIVERY: d.delivery, TAG_SOURCE_URI: d.source_uri, TAG_FEED: feed_name,
-                          **({TAG_DRY_RUN: "true"} if d.dry_run else {})},
+                          **({TAG_DRY_RUN: "true"} if d.dry_run else {}),
+                          **({TAG_FILE_NAME: d.key} if d.delivery.startswith("parts:") else {})},
                 )
                 for d in result.deliveries
             ] + retries,
@@ -102,6 +104,7 @@ def _retry_requests(context: dg.SensorEvaluationContext, feed_name: str,
         requests.append(dg.RunRequest(
             run_key=f"{partition}|{delivery}|attempt:{attempt + 1}", partition_key=partition,
             tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: run.tags.get(TAG_SOURCE_URI, ""), TAG_FEED: feed_name,
-                  TAG_ATTEMPT: str(attempt + 1)},
+                  TAG_ATTEMPT: str(attempt + 1),
+                  **({TAG_FILE_NAME: run.tags[TAG_FILE_NAME]} if TAG_FILE_NAME in run.tags else {})},
         ))
     return requests

@@ -42,6 +42,12 @@ def file_pattern(domain: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(domain)}_subscriber_segment_(\d{{8}})(?:_(\d+))?\.csv$")
 
 
+def group_name(file_name: str, feed) -> str | None:
+    """The name of the list a part belongs to (parts of one date form one list), or None."""
+    match = file_pattern(feed.customer_domain).match(file_name)
+    return f"{feed.customer_domain}_subscriber_segment_{match.group(1)}.csv" if match else None
+
+
 def accepts(file_name: str, feed=None) -> bool:
     # every .csv is taken, so a misnamed delivery is refused with its reason in the activity log
     return file_name.lower().endswith(".csv")
