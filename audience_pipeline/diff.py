@@ -15,7 +15,7 @@ import duckdb
 
 from audience_pipeline import faults
 from audience_pipeline.duck import copy_to_parquet
-from audience_pipeline.sql import quote_literal
+from audience_pipeline.sql import quote_identifier, quote_literal
 from audience_pipeline.storage.catalog import CurrentVersion, NewVersion
 from audience_pipeline.storage.lake import MEMBERS_SCHEMA, Lake
 
@@ -199,5 +199,5 @@ def compute_diff(
     faults.point("diff.moved_into_place")
     shutil.rmtree(staged)
     for table in ("final_state", "transitions", "previous", "audience_map"):
-        con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute(f"DROP TABLE IF EXISTS {quote_identifier(table)}")
     return DiffResult(versions=versions, pairs=pairs, noops=sum(row[4] for row in counts))

@@ -69,8 +69,8 @@ def scrub_lake(lake: Lake, user_id: str, identifiers: set[str]) -> int:
                 rewritten += 1
         contains_any = "list_bool_or([contains(coalesce(raw, ''), x) for x in $i])"
         for path in sorted((lake.root / "rejected").glob("*/rejected.parquet")):
-            if con.execute(f"SELECT count(*) FROM read_parquet(?) WHERE {contains_any.replace('$i', '?')}",
-                           [str(path), idents]).fetchone()[0]:
+            if con.execute(f"SELECT count(*) FROM read_parquet($path) WHERE {contains_any}",
+                           {"path": str(path), "i": idents}).fetchone()[0]:
                 _rewrite(con, path, f"SELECT * FROM read_parquet({{src}}) WHERE NOT {contains_any}", {"i": idents})
                 rewritten += 1
     finally:

@@ -112,6 +112,19 @@ def moto_s3(monkeypatch):
         server.stop()
 
 
+def stop_group(process, timeout: float = 20) -> None:
+    """Stop a server started with start_new_session=True, and everything it started, by its process group."""
+    import signal
+    import subprocess
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @pytest.fixture(autouse=True)
 def _keep_cwd():
     cwd = os.getcwd()

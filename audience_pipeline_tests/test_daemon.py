@@ -1,7 +1,6 @@
 """End to end with the real Dagster daemon: its sensor polls a real S3 API server and launches the runs."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import yaml
 
 from audience_pipeline.config import load_workspace
 from audience_pipeline.workspace_setup import prepare
-from audience_pipeline_tests.conftest import base_config
+from audience_pipeline_tests.conftest import base_config, stop_group
 
 BUCKET = "daemon-drop"
 
@@ -72,10 +71,5 @@ def test_daemon_sensor_imports_from_s3(tmp_path, moto_s3):
         assert events == [("disqualify", "d1"), ("qualify", "d4")]
         assert runs == (2, 2)
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        stop_group(daemon)
         log.close()

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from audience_pipeline_tests.conftest import base_config, free_port
+from audience_pipeline_tests.conftest import base_config, free_port, stop_group
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LOCATION = "audience_pipeline.definitions"
@@ -55,12 +54,7 @@ def ui(tmp_path):
         wait_http(f"http://127.0.0.1:{port}/server_info", 120)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)
         log.close()
 
 
