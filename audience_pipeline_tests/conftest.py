@@ -176,7 +176,11 @@ def sftp_server(tmp_path, monkeypatch):
         yield SimpleNamespace(root=root, uploads=root / "uploads", port=port, known_hosts=known_hosts,
                               password=password, location=f"sftp://attentive@127.0.0.1:{port}/uploads")
     finally:
-        server.close()
-        asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(10)
+        # asyncio servers are not thread-safe: closing from the test thread races the loop's own wake-ups.
+        async def stop():
+            server.close()
+            await server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
