@@ -184,3 +184,56 @@ def sftp_server(tmp_path, monkeypatch):
         asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def _pg_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not found:
+        raise RuntimeError("PostgreSQL server binaries not found: apt-get install -y postgresql (see .ci/run)")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback in a temporary data directory (Debian's binaries). initdb refuses
+    to run as root, so as root the cluster belongs to the ``postgres`` account the package creates.
+    Yields a function giving the URL of a fresh, empty database."""
+    import itertools
+    import shutil
+    import subprocess
+
+    import psycopg
+
+    import tempfile
+
+    pg_bin = _pg_bin()
+    # pytest's temp folders are private to root; the server account needs a folder of its own
+    base = Path(tempfile.mkdtemp(prefix="audience-pipeline-pg-"))
+    data = base / "data"
+    data.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                    "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "server.log"),
+                    "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off",
+                    "start"], check=True, capture_output=True)
+    admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    counter = itertools.count()
+
+    def new_database() -> str:
+        name = f"db{next(counter)}"
+        with psycopg.connect(admin, autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        yield new_database
+    finally:
+        subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
