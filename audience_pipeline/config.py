@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +39,8 @@ class S3Options(_Strict):
 
 class StorageConfig(_Strict):
     lake: str = "data/lake"
+    # A DuckDB file (one machine), or a postgresql:// URL for a deployment on several nodes; its password
+    # comes from libpq's environment (PGPASSWORD) or ~/.pgpass, never from this file.
     catalog: str = "data/catalog.duckdb"
     analytics: str = "data/analytics.duckdb"
     # Member-list versions closed longer ago than this are deleted; the activity log and events are kept.
@@ -46,8 +49,10 @@ class StorageConfig(_Strict):
     # Dagster partitions of such imports after partition_retention_days, except what current lists need.
     raw_retention_days: float = Field(default=7.0, gt=0)
     partition_retention_days: float = Field(default=30.0, gt=0)
-    # How long a run waits for another run's brief hold on the catalog file before giving up.
+    # How long a run waits for another run's hold on the catalog file, or on an audience it is committing.
     lock_timeout_seconds: float = Field(default=300.0, gt=0)
+    # How long an audience's commit lock outlives a run that died while committing it.
+    lock_lease_seconds: float = Field(default=900.0, gt=0)
     # DuckDB memory cap for the set operations of one import; DuckDB spills to disk beyond it.
     memory_limit: str = "1GB"
     # With lake: s3://bucket/prefix, runs work on a local cache of the files they need, cleaned after each
@@ -57,6 +62,13 @@ class StorageConfig(_Strict):
     s3: S3Options = S3Options()
     server_side_encryption: Literal["AES256", "aws:kms"] = "AES256"
     kms_key_id: str | None = None
+
+    @field_validator("catalog")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        if value.startswith(("postgresql://", "postgres://")) and urlsplit(value).password is not None:
+            raise ValueError("the catalog URL holds a password: set PGPASSWORD (or ~/.pgpass) instead")
+        return value
 
 
 class UsersConfig(_Strict):
@@ -244,8 +256,12 @@ class Workspace:
         return self.resolve(storage.cache if self.lake_is_remote else storage.lake)
 
     @property
-    def catalog(self) -> Path:
-        return self.resolve(self.config.storage.catalog)
+    def catalog(self) -> Path | str:
+        """The catalog's DuckDB file, or its PostgreSQL URL as given."""
+        location = self.config.storage.catalog
+        if location.startswith(("postgresql://", "postgres://")):
+            return location
+        return self.resolve(location)
 
     @property
     def analytics(self) -> Path:

@@ -78,7 +78,7 @@ class ImportService:
             remote = RemoteStore(s3_client(storage.s3)(), storage.lake, storage.server_side_encryption,
                                  storage.kms_key_id)
         self.lake = Lake(workspace.lake, remote)
-        self.catalog = Catalog(workspace.catalog, self.lake, storage.lock_timeout_seconds)
+        self.catalog = Catalog(workspace.catalog, self.lake, storage.lock_timeout_seconds, storage.lock_lease_seconds)
         users = workspace.config.users
         self.users = UsersRegistry(workspace.users_path, users.user_id_column) if workspace.users_path else None
         self.lake.ensure()
@@ -291,6 +291,21 @@ class ImportService:
     def _commit(self, record: ImportRecord, semantics: Semantics, rows_path: Path, audience_ids: dict[str, int],
                 summary: Summary | None, union_parts: bool = False, delete: bool = False, approved: bool = False,
                 dry_run: bool = False, released: bool = False) -> ImportRecord:
+        """Diff and commit while holding the file's audiences: parsing and validation run in parallel, but
+        two imports never diff against, or commit, the same audience at once."""
+        options = dict(union_parts=union_parts, delete=delete, approved=approved, dry_run=dry_run, released=released)
+        if dry_run:
+            return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
+        with self.catalog.audience_locks(record.import_id, list(audience_ids.values())):
+            # another run of this same delivery may have closed it while this one waited
+            latest = self.catalog.get_import(record.import_id)
+            if latest.status != record.status:
+                return latest
+            return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
+
+    def _commit_held(self, record: ImportRecord, semantics: Semantics, rows_path: Path,
+                     audience_ids: dict[str, int], summary: Summary | None, union_parts: bool, delete: bool,
+                     approved: bool, dry_run: bool, released: bool) -> ImportRecord:
         names = sorted(audience_ids)
         if not (approved or dry_run or released or delete) and semantics == Semantics.INCREMENTAL:
             held = [i for i, _ in self.catalog.pending_for(record.feed, names, record.import_id)

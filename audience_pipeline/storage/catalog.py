@@ -1,8 +1,9 @@
-"""The catalog: a small DuckDB file that only runs open, briefly, and its export for analysts.
+"""The catalog: the activity log, audiences and their versions, and its export for analysts.
 
-DuckDB lets one process hold a database file; runs therefore open the catalog for milliseconds at a
-time and retry while another run holds it. After every change they export the committed state to
-``lake/catalog/snapshot.parquet`` by atomic rename: that rename is the commit point analysts see.
+It lives in a small DuckDB file (one machine: runs open it for milliseconds at a time and retry while
+another run holds it) or in PostgreSQL (several nodes), through the same statements. After every change
+the committed state is exported to a new numbered snapshot in the lake, moved into place by atomic rename:
+that rename is the commit point analysts see.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from audience_pipeline import faults
 from audience_pipeline.model import TERMINAL_STATUSES
-from audience_pipeline.sql import quote_literal
+from audience_pipeline.sql import quote_identifier, quote_literal
 from audience_pipeline.storage import statements as sql
+from audience_pipeline.storage.backends import CatalogBusy, Session, backend_for
 from audience_pipeline.storage.lake import Lake
 
 SNAPSHOT_GRACE_SECONDS = 600
@@ -30,10 +33,6 @@ SNAPSHOT_GRACE_SECONDS = 600
 
 class CommitRefused(Exception):
     """The import breaks an audience rule (limit reached, deleted name); nothing was committed."""
-
-
-class CatalogBusy(RuntimeError):
-    """Another process held the catalog for longer than the configured lock timeout."""
 
 
 @dataclass(frozen=True)
@@ -108,45 +107,24 @@ class Outcome:
     users_sha256: str | None = None
 
 
-def _is_lock_error(exc: duckdb.Error) -> bool:
-    text = str(exc).lower()
-    return "lock" in text and ("conflicting" in text or "could not set" in text)
-
-
 class Catalog:
-    def __init__(self, path: Path, lake: Lake, lock_timeout: float = 300.0):
-        self.path = path
+    def __init__(self, location: str | Path, lake: Lake, lock_timeout: float = 300.0,
+                 lock_lease: float = 900.0):
+        """``location``: a DuckDB file path or a ``postgresql://`` URL. ``lock_lease``: how long an audience
+        lock outlives a holder that crashed mid-commit."""
+        self.backend = backend_for(location, lock_timeout)
         self.lake = lake
         self.lock_timeout = lock_timeout
+        self.lock_lease = lock_lease
 
     @contextmanager
-    def session(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the catalog, waiting (with jittered backoff) while another process holds it."""
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.02
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                con = duckdb.connect(str(self.path))
-                break
-            except duckdb.Error as exc:
-                if not _is_lock_error(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise CatalogBusy(
-                        f"catalog {self.path} stayed locked by another process for {self.lock_timeout:.0f} s"
-                    ) from exc
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
-        try:
-            con.execute("SET TimeZone = 'UTC'")
-            con.execute(sql.SCHEMA)
+    def session(self) -> Iterator[Session]:
+        """Open the catalog (with the DuckDB file, waiting while another process holds it)."""
+        with self.backend.session(sql.SCHEMA) as con:
             yield con
-        finally:
-            con.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on any error."""
         with self.session() as con:
             con.execute("BEGIN TRANSACTION")
@@ -159,7 +137,7 @@ class Catalog:
 
     # -- imports -----------------------------------------------------------------------------------
     @staticmethod
-    def _record(cur: duckdb.DuckDBPyConnection) -> ImportRecord | None:
+    def _record(cur) -> ImportRecord | None:
         row = cur.fetchone()
         if row is None:
             return None
@@ -200,12 +178,13 @@ class Catalog:
             existing = self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
             if existing is not None:
                 return existing
-            (import_id,) = con.execute(
+            con.execute(
                 sql.INSERT_IMPORT,
                 [partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes, semantics, run_id,
                  received_at],
-            ).fetchone()
-            return self._record(con.execute(sql.GET_IMPORT, [import_id]))
+            )
+            # another node may have opened it in between: either way, this is the delivery's import
+            return self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
 
     def finish_import(self, import_id: int, status: str, outcome: Outcome, error: str | None = None,
                       at: datetime | None = None) -> ImportRecord:
@@ -235,7 +214,8 @@ class Catalog:
             for name in names:
                 row = con.execute(sql.FIND_AUDIENCE, [feed, name]).fetchone()
                 if row is None:
-                    row = con.execute(sql.INSERT_AUDIENCE, [feed, name, now]).fetchone()
+                    con.execute(sql.INSERT_AUDIENCE, [feed, name, now])
+                    row = con.execute(sql.FIND_AUDIENCE, [feed, name]).fetchone()
                 ids[name] = row[0]
         return ids
 
@@ -301,6 +281,11 @@ class Catalog:
         passed. With ``delete``, the audiences are marked deleted (their empty versions are the removal).
         """
         with self.transaction() as con:
+            now = _now(con)
+            renewed = con.execute(sql.RENEW_LOCKS, [now + timedelta(seconds=self.lock_lease), record.import_id,
+                                                    list(expected)]).fetchall()
+            if len(renewed) != len(expected):
+                return False  # a lock expired and another import took the audience: diff again
             current = self._current(con, list(expected))
             if any((current[a].version if a in current else None) != v for a, v in expected.items()):
                 return False
@@ -313,7 +298,6 @@ class Catalog:
                 if active + len(new) > max_audiences:
                     raise CommitRefused(f"audience limit {max_audiences} reached (feed {record.feed!r} has "
                                         f"{active}; this file would add {len(new)})")
-            now = _now(con)
             if delete:
                 con.execute(sql.MARK_DELETED, [list(expected)])
             for v in versions:
@@ -330,6 +314,56 @@ class Catalog:
         with self.session() as con:
             self.export_snapshot(con)
         return True
+
+    # -- per-audience commit locks -------------------------------------------------------------------
+    @contextmanager
+    def audience_locks(self, import_id: int, audience_ids: list[int]) -> Iterator[None]:
+        """Hold these audiences for one import's diff and commit: two imports never commit the same audience
+        at once, while imports of other audiences go on in parallel. Waits (jittered backoff) up to the lock
+        timeout for another import to finish with them."""
+        ids = sorted(set(audience_ids))
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        while True:
+            holders = self._try_lock(import_id, ids)
+            if not holders:
+                break
+            if time.monotonic() > deadline:
+                audience, holder, since = holders[0]
+                raise CatalogBusy(f"audience {audience} has been held by import {holder} since {since.isoformat()} "
+                                  f"(waited {self.lock_timeout:.0f} s)")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+        try:
+            yield
+        finally:
+            with self.session() as con:
+                con.execute(sql.RELEASE_LOCKS, [import_id])
+
+    def _try_lock(self, import_id: int, ids: list[int]) -> list[tuple]:
+        """Take every lock or none: the holders in the way, or [] once they are all this import's."""
+        if not ids:
+            return []
+        try:
+            with self.transaction() as con:
+                now = _now(con)
+                con.execute(sql.DROP_EXPIRED_LOCKS, [ids, now])
+                holders = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
+                if holders:
+                    return holders
+                expires = now + timedelta(seconds=self.lock_lease)
+                for audience_id in ids:  # in id order, so that two imports never wait on each other
+                    con.execute(sql.TAKE_LOCK, [audience_id, import_id, now, expires])
+                # with PostgreSQL, a concurrent taker may have won a row between the check and the insert
+                holders = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
+                if holders:
+                    raise _LostRace(holders)
+                return []
+        except _LostRace as lost:
+            return lost.holders
+        except self.backend.conflict_errors:
+            with self.session() as con:
+                return con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall() or [(ids[0], None, _now(con))]
 
     def pending_for(self, feed: str, names: list[str], exclude: int) -> list[tuple[int, str]]:
         """Held or waiting imports of the feed that name one of these audiences, oldest first."""
@@ -411,27 +445,53 @@ class Catalog:
             con.execute(sql.SET_CURSOR, [feed, cursor])
 
     # -- publishing and retention ------------------------------------------------------------------
-    def export_snapshot(self, con: duckdb.DuckDBPyConnection) -> None:
+    def export_snapshot(self, con: Session) -> None:
         """Publish the committed state as a new, numbered snapshot folder, moved into place by one atomic
         rename: the commit point analysts see. The views read the highest number.
 
-        Called while holding the catalog, so snapshots are published in commit order.
+        Numbering, reading and renaming happen in an order the backend serializes, so a higher number
+        always holds a later state.
         """
-        (seq,) = con.execute("SELECT nextval('snapshot_seq')").fetchone()
-        final = self.lake.snapshot_dir(seq)
-        staged = self.lake.staging(f"snapshot_{seq}")
-        if staged.exists():
-            shutil.rmtree(staged)
-        staged.mkdir(parents=True)
-        con.execute(f"COPY ({sql.SNAPSHOT}) TO {quote_literal(staged / 'snapshot.parquet')} (FORMAT parquet)")
-        if self.lake.remote is not None:
-            # on an S3 lake, the new snapshot object appearing is the commit point
-            self.lake.remote.upload(staged / "snapshot.parquet", self.lake.relative(final / "snapshot.parquet"))
-        faults.point("export.written")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
-        faults.point("export.renamed")
+        with self.backend.export_order(con):
+            (seq,) = con.execute("SELECT nextval('snapshot_seq')").fetchone()
+            final = self.lake.snapshot_dir(seq)
+            staged = self.lake.staging(f"snapshot_{seq}")
+            if staged.exists():
+                shutil.rmtree(staged)
+            staged.mkdir(parents=True)
+            self._write_snapshot(con, staged / "snapshot.parquet")
+            if self.lake.remote is not None:
+                # on an S3 lake, the new snapshot object appearing is the commit point
+                self.lake.remote.upload(staged / "snapshot.parquet", self.lake.relative(final / "snapshot.parquet"))
+            faults.point("export.written")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            faults.point("export.renamed")
         self._prune_snapshots(seq)
+
+    def _write_snapshot(self, con: Session, dest: Path) -> None:
+        if self.backend.kind == "duckdb":
+            con.execute(f"COPY ({sql.SNAPSHOT}) TO {quote_literal(dest)} (FORMAT parquet)")
+            return
+        # Another database: copy the catalog's three tables (small: rows per import, not per ID) into an
+        # in-memory DuckDB of the same schema and write the very same snapshot query from there.
+        mem = duckdb.connect(":memory:")
+        try:
+            mem.execute("SET TimeZone = 'UTC'")
+            mem.execute(sql.SCHEMA)
+            for table in ("imports", "audiences", "audience_versions"):
+                schema = mem.execute(f"SELECT * FROM {quote_identifier(table)} LIMIT 0").to_arrow_table().schema
+                cur = con.execute(f"SELECT {', '.join(quote_identifier(n) for n in schema.names)} "
+                                  f"FROM {quote_identifier(table)}")
+                columns = list(zip(*cur.fetchall(), strict=True)) or [[] for _ in schema.names]
+                rows = pa.table([pa.array(list(c), type=f.type) for c, f in zip(columns, schema, strict=True)],
+                                schema=schema)
+                mem.register("catalog_rows", rows)
+                mem.execute(f"INSERT INTO {quote_identifier(table)} SELECT * FROM catalog_rows")
+                mem.unregister("catalog_rows")
+            mem.execute(f"COPY ({sql.SNAPSHOT}) TO {quote_literal(dest)} (FORMAT parquet)")
+        finally:
+            mem.close()
 
     def _prune_snapshots(self, newest: int) -> None:
         """Drop superseded snapshots once no query can still be reading them (kept 10 minutes)."""
@@ -458,5 +518,11 @@ class Catalog:
         return removed
 
 
-def _now(con: duckdb.DuckDBPyConnection) -> datetime:
+class _LostRace(Exception):
+    def __init__(self, holders: list[tuple]):
+        super().__init__("another import took an audience lock first")
+        self.holders = holders
+
+
+def _now(con: Session) -> datetime:
     return con.execute("SELECT now()::TIMESTAMPTZ").fetchone()[0]

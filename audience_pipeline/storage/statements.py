@@ -1,4 +1,5 @@
-"""Named SQL statements of the catalog. Values are bound with ``?``."""
+"""Named SQL statements of the catalog, in the SQL that DuckDB and PostgreSQL share. Values are bound with
+``?``; list parameters are cast to their array type, which both read the same way."""
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS import_ids START 1;
@@ -58,6 +59,12 @@ CREATE TABLE IF NOT EXISTS audience_versions (
     PRIMARY KEY (audience_id, version)
 );
 CREATE TABLE IF NOT EXISTS poll_cursors (feed VARCHAR PRIMARY KEY, cursor VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS audience_locks (
+    audience_id  BIGINT PRIMARY KEY,
+    import_id    BIGINT NOT NULL,
+    acquired_at  TIMESTAMPTZ NOT NULL,
+    expires_at   TIMESTAMPTZ NOT NULL
+);
 CREATE TABLE IF NOT EXISTS notifications (key VARCHAR PRIMARY KEY, sent_at TIMESTAMPTZ NOT NULL);
 CREATE TABLE IF NOT EXISTS erasures (
     erased_at TIMESTAMPTZ NOT NULL, user_sha256 VARCHAR NOT NULL, imports BIGINT[], files_rewritten BIGINT
@@ -65,7 +72,7 @@ CREATE TABLE IF NOT EXISTS erasures (
 """
 
 GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
-SET_CURSOR = "INSERT OR REPLACE INTO poll_cursors VALUES (?, ?)"
+SET_CURSOR = "INSERT INTO poll_cursors VALUES (?, ?) ON CONFLICT (feed) DO UPDATE SET cursor = excluded.cursor"
 
 FIND_IMPORT = "SELECT * FROM imports WHERE partition_key = ? AND delivery = ?"
 LATEST_IMPORT_OF_PARTITION = "SELECT * FROM imports WHERE partition_key = ? ORDER BY import_id DESC LIMIT 1"
@@ -75,25 +82,27 @@ INSERT_IMPORT = """
 INSERT INTO imports (import_id, partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes,
                      semantics, status, run_id, received_at)
 VALUES (nextval('import_ids'), ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
+ON CONFLICT (partition_key, delivery) DO NOTHING
 RETURNING import_id
 """
 
 FINISH_IMPORT = """
 UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
-       unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, warnings = ?, audiences = ?,
-       users_sha256 = ?, finished_at = ?
+       unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, warnings = ?,
+       audiences = CAST(? AS VARCHAR[]), users_sha256 = ?, finished_at = ?
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
 FIND_AUDIENCE = "SELECT audience_id FROM audiences WHERE feed = ? AND name = ?"
 INSERT_AUDIENCE = """
 INSERT INTO audiences (audience_id, feed, name, status, created_at)
-VALUES (nextval('audience_ids'), ?, ?, 'active', ?) RETURNING audience_id
+VALUES (nextval('audience_ids'), ?, ?, 'active', ?)
+ON CONFLICT (feed, name) DO NOTHING
 """
 
 CURRENT_VERSIONS = """
 SELECT audience_id, version, sha256, users_sha256, list_time, member_count FROM audience_versions
-WHERE valid_to IS NULL AND list_contains(?, audience_id)
+WHERE valid_to IS NULL AND audience_id = ANY(CAST(? AS BIGINT[]))
 """
 
 # Audiences a file with this name and content was applied to before, and whether each still holds it.
@@ -159,23 +168,24 @@ SELECT v.audience_id, a.feed, a.name FROM audience_versions v JOIN audiences a U
 WHERE v.valid_to IS NULL AND v.next_expiry <= ? ORDER BY a.feed, v.audience_id
 """
 
-AUDIENCE_STATUS = "SELECT name, status FROM audiences WHERE list_contains(?, audience_id)"
+AUDIENCE_STATUS = "SELECT name, status FROM audiences WHERE audience_id = ANY(CAST(? AS BIGINT[]))"
 ACTIVE_AUDIENCES = """
 SELECT count(*) FROM audiences a
 WHERE a.feed = ? AND a.status = 'active'
   AND EXISTS (SELECT 1 FROM audience_versions v WHERE v.audience_id = a.audience_id AND v.valid_to IS NULL)
 """
-MARK_DELETED = "UPDATE audiences SET status = 'deleted' WHERE list_contains(?, audience_id)"
+MARK_DELETED = "UPDATE audiences SET status = 'deleted' WHERE audience_id = ANY(CAST(? AS BIGINT[]))"
 
 # Held and waiting imports that name any of these audiences (audience names are kept on each import).
 PENDING_FOR_AUDIENCES = """
 SELECT import_id, status FROM imports
 WHERE feed = ? AND status IN ('held', 'waiting') AND import_id <> ?
-  AND len(list_intersect(audiences, ?)) > 0
+  AND audiences && CAST(? AS VARCHAR[])
 ORDER BY import_id
 """
 SET_PENDING = """
-UPDATE imports SET status = ?, error = ?, qualified = ?, disqualified = ?, members = ?, audiences = ?,
+UPDATE imports SET status = ?, error = ?, qualified = ?, disqualified = ?, members = ?,
+       audiences = CAST(? AS VARCHAR[]),
        rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?, unmatched = ?, users_sha256 = ?,
        finished_at = ?
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
@@ -190,4 +200,25 @@ CLAIM_NOTIFICATION = "INSERT INTO notifications VALUES (?, now()) ON CONFLICT DO
 RELEASE_NOTIFICATION = "DELETE FROM notifications WHERE key = ?"
 LAST_DELIVERY = "SELECT max(received_at) FROM imports WHERE feed = ? AND source_uri LIKE '%://%'"
 
-RECORD_ERASURE = "INSERT INTO erasures VALUES (now(), ?, ?, ?)"
+RECORD_ERASURE = "INSERT INTO erasures VALUES (now(), ?, CAST(? AS BIGINT[]), ?)"
+
+# Per-audience commit locks: a row per audience being committed, with a lease so that a crashed holder
+# cannot block an audience for ever. A re-run of the same import takes its own locks back.
+DROP_EXPIRED_LOCKS = "DELETE FROM audience_locks WHERE audience_id = ANY(CAST(? AS BIGINT[])) AND expires_at < ?"
+LOCK_HOLDERS = """
+SELECT audience_id, import_id, acquired_at FROM audience_locks
+WHERE audience_id = ANY(CAST(? AS BIGINT[])) AND import_id <> ?
+ORDER BY audience_id
+"""
+TAKE_LOCK = """
+INSERT INTO audience_locks VALUES (?, ?, ?, ?)
+ON CONFLICT (audience_id) DO UPDATE SET expires_at = excluded.expires_at
+WHERE audience_locks.import_id = excluded.import_id
+"""
+# Inside a commit: renew the import's locks and return them, proving they were not lost to an expiry.
+RENEW_LOCKS = """
+UPDATE audience_locks SET expires_at = ?
+WHERE import_id = ? AND audience_id = ANY(CAST(? AS BIGINT[]))
+RETURNING audience_id
+"""
+RELEASE_LOCKS = "DELETE FROM audience_locks WHERE import_id = ?"

@@ -1,0 +1,152 @@
+"""Where the catalog lives: a local DuckDB file (one machine) or PostgreSQL (several nodes).
+
+Both speak the same statements (audience_pipeline.storage.statements, ``?`` placeholders); a backend
+opens sessions, adapts placeholders, and tells which errors mean "another writer got there first".
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import duckdb
+
+
+class CatalogBusy(RuntimeError):
+    """Another process held the catalog (or an audience) for longer than the configured lock timeout."""
+
+
+class Session(Protocol):
+    def execute(self, query: str, params: Any = None) -> Any: ...
+
+
+def _is_lock_error(exc: duckdb.Error) -> bool:
+    text = str(exc).lower()
+    return "lock" in text and ("conflicting" in text or "could not set" in text)
+
+
+class DuckDBBackend:
+    """A DuckDB file held by one process at a time: runs open it for milliseconds and retry while another
+    holds it, so every transaction on it is serial."""
+
+    kind = "duckdb"
+    conflict_errors: tuple[type[Exception], ...] = (duckdb.ConstraintException, duckdb.TransactionException)
+
+    def __init__(self, path: Path, lock_timeout: float):
+        self.path = path
+        self.lock_timeout = lock_timeout
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    @contextmanager
+    def session(self, schema: str) -> Iterator[Session]:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.02
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                con = duckdb.connect(str(self.path))
+                break
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise CatalogBusy(
+                        f"catalog {self.path} stayed locked by another process for {self.lock_timeout:.0f} s"
+                    ) from exc
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute(schema)
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def export_order(self, con: Session) -> Iterator[None]:
+        """Holding the file already orders exports. (No transaction: DuckDB sequences roll back, and a
+        snapshot number must never be handed out twice.)"""
+        yield
+
+
+class _PostgresSession:
+    """psycopg with the statements' ``?`` placeholders (a literal ``%`` is doubled for psycopg)."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def execute(self, query: str, params: Any = None):
+        if params is None:
+            return self.con.execute(query)
+        return self.con.execute(query.replace("%", "%%").replace("?", "%s"), params)
+
+
+class PostgresBackend:
+    """A PostgreSQL database shared by every node. Connection settings come from the URL and libpq's
+    environment (PGPASSWORD, PGSSLMODE, ~/.pgpass ...), so no secret needs to be in the configuration."""
+
+    kind = "postgresql"
+
+    def __init__(self, url: str, lock_timeout: float):
+        import psycopg
+
+        self.url = url
+        self.lock_timeout = lock_timeout
+        self._psycopg = psycopg
+        self.conflict_errors = (psycopg.errors.UniqueViolation, psycopg.errors.SerializationFailure,
+                                psycopg.errors.DeadlockDetected)
+        self._schema_ready = False
+
+    def describe(self) -> str:
+        """The URL without its password, for messages and logs."""
+        parts = urlsplit(self.url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        user = parts.username + "@" if parts.username else ""
+        return urlunsplit((parts.scheme, user + host, parts.path, "", ""))
+
+    @contextmanager
+    def session(self, schema: str) -> Iterator[Session]:
+        try:
+            con = self._psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.lock_timeout)))
+        except self._psycopg.OperationalError as exc:
+            raise CatalogBusy(f"catalog {self.describe()}: cannot connect: {exc}".strip()) from exc
+        try:
+            con.execute("SET TIME ZONE 'UTC'")
+            session = _PostgresSession(con)
+            if not self._schema_ready:
+                # nodes starting together must not race each other's CREATE IF NOT EXISTS
+                with con.transaction():
+                    con.execute("SELECT pg_advisory_xact_lock(7317001)")
+                    con.execute(schema)
+                self._schema_ready = True
+            yield session
+        finally:
+            con.close()
+
+    @contextmanager
+    def export_order(self, con: Session) -> Iterator[None]:
+        """Concurrent commits export concurrently: a transaction-scoped lock makes the snapshot numbers
+        follow the order in which the snapshots read the catalog, so the highest number is the newest.
+        (PostgreSQL sequences never roll back, so a number is never handed out twice.)"""
+        con.execute("BEGIN")
+        try:
+            con.execute("SELECT pg_advisory_xact_lock(7317002)")
+            yield
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+
+def backend_for(location: str | Path, lock_timeout: float) -> DuckDBBackend | PostgresBackend:
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresBackend(text, lock_timeout)
+    return DuckDBBackend(Path(location), lock_timeout)
