@@ -1,0 +1,182 @@
+"""The production instance config, deploy/dagster.production.yaml, as shipped: a real PostgreSQL server holds
+the instance, the project's import job waits in the QueuedRunCoordinator's queue, the real `dagster-daemon`
+drains it with the default run launcher, and the queue's limits hold."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dagster as dg
+import duckdb
+import psycopg
+import pytest
+import yaml
+
+# Queueing a run from outside the webserver takes the workspace machinery `dagster job launch` uses; Dagster
+# exports none of it.
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import WorkspaceFileTarget
+from dagster_postgres import PostgresRunStorage
+
+from audience_pipeline.config import load_workspace
+from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_FEED, TAG_SOURCE_URI, audience_files
+from audience_pipeline.hashing import sha256_file
+from audience_pipeline.keys import partition_key
+from audience_pipeline.workspace_setup import prepare
+from audience_pipeline_tests.conftest import stop_group
+
+PRODUCTION_YAML = Path(__file__).parents[1] / "deploy" / "dagster.production.yaml"
+FEEDS = ("alpha_feed", "beta_feed", "gamma_feed")
+MAX_CONCURRENT_RUNS = 2
+IN_PROGRESS = {dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED}  # what the coordinator counts
+DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+
+
+def members(analytics: Path, audience: str) -> set[str]:
+    con = duckdb.connect(str(analytics), read_only=True)
+    try:
+        return {r[0] for r in con.execute("SELECT user_id FROM members WHERE audience_name = ?", [audience]).fetchall()}
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def production_instance(tmp_path, postgres, monkeypatch):
+    """The instance of a DAGSTER_HOME holding the production yaml unchanged, its environment variables
+    pointing at a fresh database. Yields the instance and the database URL."""
+    url = urlparse(postgres())
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(PRODUCTION_YAML, home / "dagster.yaml")
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_USERNAME": url.username,
+        # The test server trusts loopback and never checks it, but the URL dagster-postgres builds from these
+        # variables must still name the right user, host, port and database with these characters in it.
+        "DAGSTER_PG_PASSWORD": "p@ss:w/rd%",
+        "DAGSTER_PG_HOST": url.hostname,
+        "DAGSTER_PG_DB": url.path.lstrip("/"),
+        "DAGSTER_PG_PORT": str(url.port),
+        "DAGSTER_MAX_CONCURRENT_RUNS": str(MAX_CONCURRENT_RUNS),
+        "DAGSTER_LOCAL_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "DAGSTER_COMPUTE_LOG_DIR": str(tmp_path / "compute_logs"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    instance = dg.DagsterInstance.get()
+    try:
+        yield instance, url
+    finally:
+        instance.dispose()
+
+
+def queue_imports(instance: dg.DagsterInstance, workspace_yaml: Path, files: list[tuple[str, Path]]) -> list[str]:
+    """Submit one audience_import_job run per (feed, file), tagged as the feed sensor tags its runs, the way
+    the webserver or `dagster job launch` submits: a run of the code location's job, through submit_run."""
+    run_ids = []
+    with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[str(workspace_yaml)])) as process:
+        request = process.create_request_context()
+        [location_name] = request.code_location_names
+        location = request.get_code_location(location_name)
+        [repository] = location.get_repositories().values()
+        job = repository.get_full_job("audience_import_job")
+        plan = location.get_execution_plan(job, {}, step_keys_to_execute=None, known_state=None,
+                                           instance=instance).execution_plan_snapshot
+        for feed, path in files:
+            pkey = partition_key(feed, path.name, sha256_file(path))
+            instance.add_dynamic_partitions(audience_files.name, [pkey])
+            run = instance.create_run(
+                job_name=job.name, run_id=None, run_config={}, status=None,
+                tags={**job.tags, "dagster/partition": pkey, TAG_FEED: feed,
+                      TAG_DELIVERY: f"test:{uuid.uuid4().hex}", TAG_SOURCE_URI: path.as_uri()},
+                root_run_id=None, parent_run_id=None, step_keys_to_execute=plan.step_keys_to_execute,
+                execution_plan_snapshot=plan, job_snapshot=job.job_snapshot,
+                parent_job_snapshot=job.parent_job_snapshot, asset_selection=None, asset_check_selection=None,
+                resolved_op_selection=None, op_selection=None, remote_job_origin=job.get_remote_origin(),
+                job_code_origin=job.get_python_origin(), asset_graph=repository.asset_graph,
+            )
+            assert instance.submit_run(run.run_id, request).status == dg.DagsterRunStatus.QUEUED
+            run_ids.append(run.run_id)
+    return run_ids
+
+
+@pytest.mark.timeout(300)
+def test_production_instance_queues_and_runs_imports(tmp_path, production_instance, monkeypatch):
+    instance, pg_url = production_instance
+    assert isinstance(instance.run_storage, PostgresRunStorage)
+    assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
+    assert isinstance(instance.run_launcher, dg.DefaultRunLauncher)
+
+    ws = tmp_path / "ws"
+    config = {
+        "storage": {"lake": "lake", "catalog": "catalog.duckdb", "analytics": "analytics.duckdb"},
+        "feeds": {feed: {"format": "repro", "source": f"drop/{feed}"} for feed in FEEDS},
+    }
+    for feed in FEEDS:
+        (ws / "drop" / feed).mkdir(parents=True)  # left empty: the daemon's feed sensors ask for no runs
+    (ws / "feeds.yaml").write_text(yaml.safe_dump(config))
+    (ws / "workspace.yaml").write_text("load_from:\n  - python_module: audience_pipeline.definitions\n")
+    monkeypatch.setenv("AUDIENCE_PIPELINE_CONFIG", str(ws / "feeds.yaml"))
+    workspace = load_workspace(ws / "feeds.yaml")
+    prepare(workspace)
+
+    # Queue order: alpha's older list, its newer list, then one file each of two other feeds.
+    files = []
+    for n, (feed, name, content) in enumerate([
+        ("alpha_feed", "alpha.csv", "a1\na2\na3\n"),
+        ("alpha_feed", "alpha.csv", "a2\na3\na4\na5\n"),
+        ("beta_feed", "beta.csv", "b1\nb2\n"),
+        ("gamma_feed", "gamma.csv", "g1\n"),
+    ]):
+        path = tmp_path / "incoming" / str(n) / name
+        path.parent.mkdir(parents=True)
+        path.write_text(content)
+        files.append((feed, path))
+    # All four wait in the queue before the daemon starts, so its first dequeue sees them together.
+    run_ids = queue_imports(instance, ws / "workspace.yaml", files)
+    alpha_old, alpha_new = run_ids[0], run_ids[1]
+
+    daemon_log = tmp_path / "daemon.log"
+    with open(daemon_log, "w") as log:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(ws / "workspace.yaml")],
+            cwd=ws, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            in_progress_seen: list[set[str]] = []
+            deadline = time.monotonic() + 120
+            while True:
+                records = instance.get_run_records(filters=dg.RunsFilter(run_ids=run_ids))
+                in_progress_seen.append({r.dagster_run.run_id for r in records if r.dagster_run.status in IN_PROGRESS})
+                if len(records) == len(run_ids) and all(r.dagster_run.status in DONE for r in records):
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"runs not finished: {[r.dagster_run.status for r in records]}\n"
+                                         f"{daemon_log.read_text()[-4000:]}")
+                time.sleep(0.25)
+        finally:
+            stop_group(daemon)
+
+    by_id = {r.dagster_run.run_id: r for r in records}
+    assert [by_id[run_id].dagster_run.status for run_id in run_ids] == [dg.DagsterRunStatus.SUCCESS] * 4, (
+        daemon_log.read_text()[-4000:])
+
+    # The imports happened, and alpha's newer list is the one applied: it committed last.
+    assert members(workspace.analytics, "alpha") == {"a2", "a3", "a4", "a5"}
+    assert members(workspace.analytics, "beta") == {"b1", "b2"}
+    assert members(workspace.analytics, "gamma") == {"g1"}
+
+    # Queue order alone would have launched both alpha runs first; one run at a time per feed kept them apart.
+    assert not any({alpha_old, alpha_new} <= seen for seen in in_progress_seen)
+    assert by_id[alpha_new].start_time >= by_id[alpha_old].end_time
+    # Three feeds could start at the first dequeue; max_concurrent_runs let two.
+    assert max(len(seen) for seen in in_progress_seen) == MAX_CONCURRENT_RUNS
+
+    # The runs are rows of the PostgreSQL database, not of a local fallback.
+    with psycopg.connect(pg_url.geturl()) as con:
+        stored = con.execute("SELECT run_id FROM runs WHERE pipeline_name = 'audience_import_job'").fetchall()
+    assert {r[0] for r in stored} == set(run_ids)
