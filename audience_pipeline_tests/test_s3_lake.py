@@ -69,4 +69,4 @@ def test_s3_lake_round_trip(make_env, moto_s3, tmp_path):
     con.close()
 
     script = env.workspace.analytics.with_suffix(".sql").read_text()
-    assert "LOAD httpfs" in script and f"s3://{LAKE_BUCKET}/lake/members/*/*/*.parquet" in script
+    assert "LOAD httpfs" in script and f"s3://{LAKE_BUCKET}/lake/members/audience_id=[1-9]*/*/*.parquet" in script

@@ -107,18 +107,21 @@ class Lake:
     def staging(self, name: str) -> Path:
         return self.root / "staging" / name
 
-    # Globs the analyst views read. Partition 0 holds an empty placeholder so a glob never matches nothing.
+    # What the analyst views read: the real partitions (ids start at 1), then partition 0's empty
+    # placeholder, which gives every view its schema while the lake holds nothing else.
     @property
-    def members_glob(self) -> str:
-        return self.location + "members/*/*/*.parquet"
+    def members_sources(self) -> list[str]:
+        return [self.location + "members/audience_id=[1-9]*/*/*.parquet",
+                self.location + self.relative(self.members_file(0, 0))]
 
     @property
-    def events_glob(self) -> str:
-        return self.location + "events/*/*.parquet"
+    def events_sources(self) -> list[str]:
+        return [self.location + "events/import_id=[1-9]*/*.parquet", self.location + self.relative(self.events(0))]
 
     @property
-    def rejected_glob(self) -> str:
-        return self.location + "rejected/*/*.parquet"
+    def rejected_sources(self) -> list[str]:
+        return [self.location + "rejected/import_id=[1-9]*/*.parquet",
+                self.location + self.relative(self.rejected(0))]
 
     def trim_cache(self, keep: set[Path], max_bytes: int) -> None:
         """Empty the local cache of a remote lake down to ``keep`` (what the next diffs read), then drop

@@ -16,6 +16,19 @@ from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage.lake import Lake
 
 
+def _scan(sources: list[str]) -> str:
+    """A scan of the real partitions first and the empty placeholder last.
+
+    DuckDB estimates a multi-file scan's size from its first file. With the placeholder first, every
+    members scan looked empty, so the join with the snapshot built its hash table on the members (all
+    rows of all versions) and no file was pruned: `members_as_of` read all 30 versions of a 16M list.
+    Listed after the real files, the scan looks as big as it is, the snapshot side is built, and the
+    join's dynamic filter on (audience_id, version) leaves DuckDB one folder to read.
+    """
+    listed = ", ".join(quote_literal(s) for s in sources)
+    return f"read_parquet([{listed}], hive_partitioning = true, allow_empty = true)"
+
+
 def view_statements(lake: Lake) -> list[str]:
     glob = quote_literal(lake.snapshots_glob)
     # The newest snapshot folder is found from the file names alone (no file is opened), and the filter on
@@ -24,9 +37,7 @@ def view_statements(lake: Lake) -> list[str]:
         f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true) WHERE seq = "
         f"(SELECT max(regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT) FROM glob({glob})))"
     )
-    members = f"read_parquet({quote_literal(lake.members_glob)}, hive_partitioning = true)"
-    events = f"read_parquet({quote_literal(lake.events_glob)}, hive_partitioning = true)"
-    rejected = f"read_parquet({quote_literal(lake.rejected_glob)}, hive_partitioning = true)"
+    members, events, rejected = (_scan(s) for s in (lake.members_sources, lake.events_sources, lake.rejected_sources))
     return [
         "SET TimeZone = 'UTC'",
         f"CREATE VIEW audience_versions AS SELECT audience_id, audience_name, feed, version, import_id, sha256,"
