@@ -2,8 +2,10 @@
 the instance, the project's import job waits in the QueuedRunCoordinator's queue, the real `dagster-daemon`
 drains it with the default run launcher, and the queue's limits hold."""
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -160,6 +162,10 @@ def test_production_instance_queues_and_runs_imports(tmp_path, production_instan
                 time.sleep(0.25)
         finally:
             stop_group(daemon)
+            # The daemon's code server outlived the daemon, ignoring SIGTERM, in 6 of about 20 runs of this
+            # test (dagster 1.13.27): end what is left of the daemon's process group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGKILL)
 
     by_id = {r.dagster_run.run_id: r for r in records}
     assert [by_id[run_id].dagster_run.status for run_id in run_ids] == [dg.DagsterRunStatus.SUCCESS] * 4, (
