@@ -280,6 +280,8 @@ class ImportService:
             if skipped is not None:
                 return skipped
         summary = self.validate(record)
+        if not dry_run:
+            self.catalog.set_audiences(record.import_id, list(summary.audiences))
         feed = self.workspace.feed(record.feed)
         semantics = Semantics(get_format(feed.format).semantics(feed))
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
@@ -296,11 +298,8 @@ class ImportService:
         options = dict(union_parts=union_parts, delete=delete, approved=approved, dry_run=dry_run, released=released)
         if dry_run:
             return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
-        with self.catalog.audience_locks(record.import_id, list(audience_ids.values())):
-            # another run of this same delivery may have closed it while this one waited
-            latest = self.catalog.get_import(record.import_id)
-            if latest.status != record.status:
-                return latest
+        self.catalog.set_audiences(record.import_id, list(audience_ids))
+        with self.catalog.audience_locks(record, audience_ids):
             return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
 
     def _commit_held(self, record: ImportRecord, semantics: Semantics, rows_path: Path,
@@ -319,6 +318,9 @@ class ImportService:
         con = work_connection(work, self.workspace.config.storage.memory_limit)
         try:
             for _ in range(COMMIT_ATTEMPTS):
+                latest = self.catalog.get_import(record.import_id)
+                if latest.status != record.status:
+                    return latest  # another run of this delivery got there first
                 current = self.catalog.current_versions(list(audience_ids.values()))
                 times = list_times(con, rows_path)
                 stale = self._stale(times, audience_ids, current)

@@ -71,14 +71,32 @@ def dagster_instance(tmp_path):
 
 
 @pytest.fixture
-def env(tmp_path, dagster_instance) -> Env:
-    return Env(tmp_path / "ws", dagster_instance, base_config())
+def catalog_location():
+    """Where workspaces keep their catalog: None for the default DuckDB file. Modules that run their tests
+    over both backends override this fixture (see ``over_both_catalogs``)."""
+    return None
+
+
+def over_both_catalogs(request):
+    """Body of a ``catalog_location`` fixture parametrized over ("duckdb", "postgresql")."""
+    return request.getfixturevalue("postgres")() if request.param == "postgresql" else None
+
+
+def _with_catalog(config: dict, location: str | None) -> dict:
+    if location is not None:
+        config = {**config, "storage": {**config.get("storage", {}), "catalog": location}}
+    return config
 
 
 @pytest.fixture
-def make_env(tmp_path, dagster_instance):
+def env(tmp_path, dagster_instance, catalog_location) -> Env:
+    return Env(tmp_path / "ws", dagster_instance, _with_catalog(base_config(), catalog_location))
+
+
+@pytest.fixture
+def make_env(tmp_path, dagster_instance, catalog_location):
     def _make(config: dict, name: str = "ws") -> Env:
-        return Env(tmp_path / name, dagster_instance, config)
+        return Env(tmp_path / name, dagster_instance, _with_catalog(config, catalog_location))
 
     return _make
 
@@ -201,10 +219,9 @@ def postgres():
     import itertools
     import shutil
     import subprocess
+    import tempfile
 
     import psycopg
-
-    import tempfile
 
     pg_bin = _pg_bin()
     # pytest's temp folders are private to root; the server account needs a folder of its own

@@ -2,7 +2,13 @@
 
 import pytest
 
-from audience_pipeline_tests.conftest import base_config
+from audience_pipeline_tests.conftest import base_config, over_both_catalogs
+
+
+# Every test here runs over the DuckDB catalog file and over a real PostgreSQL catalog.
+@pytest.fixture(params=["duckdb", "postgresql"])
+def catalog_location(request):
+    return over_both_catalogs(request)
 
 
 def users(prefix: str, n: int, start: int = 0) -> str:

@@ -1,6 +1,14 @@
 """Audience lifecycle: the per-feed audience limit, and deletion (a deleted name cannot come back)."""
 
-from audience_pipeline_tests.conftest import base_config
+import pytest
+
+from audience_pipeline_tests.conftest import base_config, over_both_catalogs
+
+
+# Every test here runs over the DuckDB catalog file and over a real PostgreSQL catalog.
+@pytest.fixture(params=["duckdb", "postgresql"])
+def catalog_location(request):
+    return over_both_catalogs(request)
 
 
 def test_audience_limit(make_env):

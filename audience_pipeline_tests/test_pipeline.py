@@ -3,9 +3,16 @@
 import os
 
 import dagster as dg
+import pytest
 
 from audience_pipeline.defs.assets import audience_files
-from audience_pipeline_tests.conftest import base_config
+from audience_pipeline_tests.conftest import base_config, over_both_catalogs
+
+
+# Every test here runs over the DuckDB catalog file and over a real PostgreSQL catalog.
+@pytest.fixture(params=["duckdb", "postgresql"])
+def catalog_location(request):
+    return over_both_catalogs(request)
 
 
 def ids(prefix: str, n: int, start: int = 0) -> list[str]:
@@ -16,9 +23,16 @@ def lines(values) -> str:
     return "\n".join(values) + "\n"
 
 
-def test_first_import_then_diff(env):
+def test_first_import_then_diff(env, catalog_location):
     first = env.import_file("summer.csv", lines(ids("u", 10)))
     assert first.status == "succeeded"
+    # the catalog is where the workspace says: the DuckDB file, or PostgreSQL with no such file
+    assert (env.root / "catalog.duckdb").exists() == (catalog_location is None)
+    if catalog_location is not None:
+        import psycopg
+
+        with psycopg.connect(catalog_location) as con:
+            assert con.execute("SELECT status, members FROM imports").fetchall() == [("succeeded", 10)]
     assert (first.qualified, first.disqualified, first.members) == (10, 0, 10)
     assert env.members("summer") == set(ids("u", 10))
 

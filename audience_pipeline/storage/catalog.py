@@ -316,54 +316,70 @@ class Catalog:
         return True
 
     # -- per-audience commit locks -------------------------------------------------------------------
+    def set_audiences(self, import_id: int, names: list[str]) -> None:
+        """Name the audiences of an import in progress, so later imports of other audiences need not wait."""
+        with self.session() as con:
+            con.execute(sql.SET_AUDIENCES, [sorted(names), import_id])
+
     @contextmanager
-    def audience_locks(self, import_id: int, audience_ids: list[int]) -> Iterator[None]:
+    def audience_locks(self, record: ImportRecord, audiences: dict[str, int]) -> Iterator[None]:
         """Hold these audiences for one import's diff and commit: two imports never commit the same audience
-        at once, while imports of other audiences go on in parallel. Waits (jittered backoff) up to the lock
-        timeout for another import to finish with them."""
-        ids = sorted(set(audience_ids))
+        at once, while imports of other audiences go on in parallel. An import also waits for the earlier
+        imports of its feed still in progress on the same audiences (or on audiences not named yet), so
+        each audience takes its imports in the order they arrived. Waits (jittered backoff) up to the lock
+        timeout; a holder silent for longer than the lease is taken to have died."""
+        ids = sorted(set(audiences.values()))
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.05
         while True:
-            holders = self._try_lock(import_id, ids)
-            if not holders:
+            blocker = self._earlier_in_progress(record, sorted(audiences)) or self._try_lock(record.import_id, ids)
+            if blocker is None:
                 break
             if time.monotonic() > deadline:
-                audience, holder, since = holders[0]
-                raise CatalogBusy(f"audience {audience} has been held by import {holder} since {since.isoformat()} "
-                                  f"(waited {self.lock_timeout:.0f} s)")
+                raise CatalogBusy(f"{blocker} (waited {self.lock_timeout:.0f} s)")
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
         try:
             yield
         finally:
             with self.session() as con:
-                con.execute(sql.RELEASE_LOCKS, [import_id])
+                con.execute(sql.RELEASE_LOCKS, [record.import_id])
 
-    def _try_lock(self, import_id: int, ids: list[int]) -> list[tuple]:
-        """Take every lock or none: the holders in the way, or [] once they are all this import's."""
+    def _earlier_in_progress(self, record: ImportRecord, names: list[str]) -> str | None:
+        with self.session() as con:
+            alive_since = _now(con) - timedelta(seconds=self.lock_lease)
+            row = con.execute(sql.EARLIER_IN_PROGRESS,
+                              [record.feed, record.import_id, alive_since, names]).fetchone()
+        if row is None:
+            return None
+        return f"import {record.import_id} waits for earlier import {row[0]} (received {row[1].isoformat()}) of " \
+               f"the same audiences"
+
+    def _try_lock(self, import_id: int, ids: list[int]) -> str | None:
+        """Take every lock or none: why not, or None once they are all this import's."""
         if not ids:
-            return []
+            return None
         try:
             with self.transaction() as con:
                 now = _now(con)
                 con.execute(sql.DROP_EXPIRED_LOCKS, [ids, now])
                 holders = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
-                if holders:
-                    return holders
-                expires = now + timedelta(seconds=self.lock_lease)
-                for audience_id in ids:  # in id order, so that two imports never wait on each other
-                    con.execute(sql.TAKE_LOCK, [audience_id, import_id, now, expires])
-                # with PostgreSQL, a concurrent taker may have won a row between the check and the insert
-                holders = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
-                if holders:
-                    raise _LostRace(holders)
-                return []
+                if not holders:
+                    expires = now + timedelta(seconds=self.lock_lease)
+                    for audience_id in ids:  # in id order, so that two imports never wait on each other
+                        con.execute(sql.TAKE_LOCK, [audience_id, import_id, now, expires])
+                    # with PostgreSQL, a concurrent taker may have won a row between the check and the insert
+                    holders = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
+                    if holders:
+                        raise _LostRace(holders)
         except _LostRace as lost:
-            return lost.holders
+            holders = lost.holders
         except self.backend.conflict_errors:
-            with self.session() as con:
-                return con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall() or [(ids[0], None, _now(con))]
+            return f"import {import_id} lost a race for one of audiences {ids}"
+        if not holders:
+            return None
+        audience, holder, since = holders[0]
+        return f"audience {audience} has been held by import {holder} since {since.isoformat()}"
 
     def pending_for(self, feed: str, names: list[str], exclude: int) -> list[tuple[int, str]]:
         """Held or waiting imports of the feed that name one of these audiences, oldest first."""
@@ -480,7 +496,7 @@ class Catalog:
             mem.execute("SET TimeZone = 'UTC'")
             mem.execute(sql.SCHEMA)
             for table in ("imports", "audiences", "audience_versions"):
-                schema = mem.execute(f"SELECT * FROM {quote_identifier(table)} LIMIT 0").to_arrow_table().schema
+                schema = mem.sql(f"SELECT * FROM {quote_identifier(table)} LIMIT 0").to_arrow_table().schema
                 cur = con.execute(f"SELECT {', '.join(quote_identifier(n) for n in schema.names)} "
                                   f"FROM {quote_identifier(table)}")
                 columns = list(zip(*cur.fetchall(), strict=True)) or [[] for _ in schema.names]

@@ -222,3 +222,12 @@ WHERE import_id = ? AND audience_id = ANY(CAST(? AS BIGINT[]))
 RETURNING audience_id
 """
 RELEASE_LOCKS = "DELETE FROM audience_locks WHERE import_id = ?"
+# The oldest earlier import of the feed, still in progress (not older than the lease), that names one of these
+# audiences or has not named its audiences yet: commits of an audience follow the order imports arrived in.
+EARLIER_IN_PROGRESS = """
+SELECT import_id, received_at FROM imports
+WHERE feed = ? AND import_id < ? AND status = 'received' AND received_at > ?
+  AND (audiences IS NULL OR audiences && CAST(? AS VARCHAR[]))
+ORDER BY import_id LIMIT 1
+"""
+SET_AUDIENCES = "UPDATE imports SET audiences = CAST(? AS VARCHAR[]) WHERE import_id = ? AND status = 'received'"
