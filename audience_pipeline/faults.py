@@ -1,11 +1,17 @@
-"""Named crash points for the crash-safety tests: with AUDIENCE_PIPELINE_CRASH_AT=<name> in its
-environment, a process kills itself (SIGKILL, no cleanup) when it reaches that point. Unset, a point costs
-one comparison. Every point is listed in POINTS so the tests can be sure they reached each one."""
+"""Named fault points for the crash-safety and concurrency tests.
+
+With AUDIENCE_PIPELINE_CRASH_AT=<name> in its environment, a process kills itself (SIGKILL, no cleanup)
+when it reaches that point. With AUDIENCE_PIPELINE_JITTER_AT=<name>[,<name>...] it sleeps a random time
+of up to AUDIENCE_PIPELINE_JITTER_SECONDS (default 0.1) there, which widens the windows where concurrent
+imports can interleave. Unset, a point costs one comparison. Every point is listed in POINTS so the tests
+can be sure they reached each one."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import time
 
 POINTS = (
     "receive.staged", "receive.downloaded", "receive.begun", "receive.archived",
@@ -16,8 +22,12 @@ POINTS = (
 )
 
 _CRASH_AT = os.environ.get("AUDIENCE_PIPELINE_CRASH_AT")
+_JITTER_AT = frozenset(filter(None, os.environ.get("AUDIENCE_PIPELINE_JITTER_AT", "").split(",")))
+_JITTER_SECONDS = float(os.environ.get("AUDIENCE_PIPELINE_JITTER_SECONDS", "0.1"))
 
 
 def point(name: str) -> None:
     if _CRASH_AT is not None and _CRASH_AT == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _JITTER_AT and name in _JITTER_AT:
+        time.sleep(random.uniform(0, _JITTER_SECONDS))

@@ -106,6 +106,41 @@ def queue_imports(instance: dg.DagsterInstance, workspace_yaml: Path, files: lis
     return run_ids
 
 
+@contextlib.contextmanager
+def running_daemon(workspace_yaml: Path, log_path: Path):
+    """A real `dagster-daemon run` on the instance of $DAGSTER_HOME, in its own process group."""
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(workspace_yaml)],
+            cwd=workspace_yaml.parent, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield daemon
+        finally:
+            stop_group(daemon)
+            # The daemon's code server outlived the daemon, ignoring SIGTERM, in 6 of about 20 runs of this
+            # test (dagster 1.13.27): end what is left of the daemon's process group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGKILL)
+
+
+def wait_for_runs(instance: dg.DagsterInstance, run_ids: list[str], log_path: Path, timeout: float,
+                  on_poll=None) -> list:
+    """The runs' records once every one has ended, polling four times a second."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = instance.get_run_records(filters=dg.RunsFilter(run_ids=run_ids))
+        if on_poll is not None:
+            on_poll(records)
+        if len(records) == len(run_ids) and all(r.dagster_run.status in DONE for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"runs not finished: {[r.dagster_run.status for r in records]}\n"
+                                 f"{log_path.read_text()[-4000:]}")
+        time.sleep(0.25)
+
+
 @pytest.mark.timeout(300)
 def test_production_instance_queues_and_runs_imports(tmp_path, production_instance, postgres, monkeypatch):
     instance, pg_url = production_instance
@@ -145,29 +180,10 @@ def test_production_instance_queues_and_runs_imports(tmp_path, production_instan
     alpha_old, alpha_new = run_ids[0], run_ids[1]
 
     daemon_log = tmp_path / "daemon.log"
-    with open(daemon_log, "w") as log:
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(ws / "workspace.yaml")],
-            cwd=ws, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            in_progress_seen: list[set[str]] = []
-            deadline = time.monotonic() + 120
-            while True:
-                records = instance.get_run_records(filters=dg.RunsFilter(run_ids=run_ids))
-                in_progress_seen.append({r.dagster_run.run_id for r in records if r.dagster_run.status in IN_PROGRESS})
-                if len(records) == len(run_ids) and all(r.dagster_run.status in DONE for r in records):
-                    break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"runs not finished: {[r.dagster_run.status for r in records]}\n"
-                                         f"{daemon_log.read_text()[-4000:]}")
-                time.sleep(0.25)
-        finally:
-            stop_group(daemon)
-            # The daemon's code server outlived the daemon, ignoring SIGTERM, in 6 of about 20 runs of this
-            # test (dagster 1.13.27): end what is left of the daemon's process group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(daemon.pid, signal.SIGKILL)
+    in_progress_seen: list[set[str]] = []
+    with running_daemon(ws / "workspace.yaml", daemon_log):
+        records = wait_for_runs(instance, run_ids, daemon_log, 120, on_poll=lambda records: in_progress_seen.append(
+            {r.dagster_run.run_id for r in records if r.dagster_run.status in IN_PROGRESS}))
 
     by_id = {r.dagster_run.run_id: r for r in records}
     assert [by_id[run_id].dagster_run.status for run_id in run_ids] == [dg.DagsterRunStatus.SUCCESS] * 4, (
