@@ -226,19 +226,13 @@ def main() -> None:
     for _, status, _ in results.values():
         statuses[status] += 1
     mismatched = [a for a in expected if observed.members.get(a, frozenset()) != expected[a]]
-    summary = (f"{len(deliveries)} imports of {args.audiences} audiences by {args.processes} processes in "
-               f"{wall:.1f} s ({len(deliveries) / wall:.1f} imports/s); statuses {dict(statuses)}; "
-               f"{len(mismatched)} audiences differ from the serial application; "
-               f"{len(observed.problems)} event problems")
-    logging_line = summary if not observed.problems else summary + "\n" + "\n".join(observed.problems[:10])
-    raise SystemExit(logging_line if mismatched or observed.problems else _report(logging_line))
-
-
-def _report(line: str) -> int:
-    import sys
-
-    sys.stdout.write(line + "\n")
-    return 0
+    print(f"{len(deliveries)} imports of {args.audiences} audiences by {args.processes} processes in "
+          f"{wall:.1f} s ({len(deliveries) / wall:.1f} imports/s); statuses {dict(statuses)}; "
+          f"{len(mismatched)} audiences differ from the serial application; "
+          f"{len(observed.problems)} event problems")
+    for problem in observed.problems[:10]:
+        print(" ", problem)
+    raise SystemExit(1 if mismatched or observed.problems else 0)
 
 
 if __name__ == "__main__":
