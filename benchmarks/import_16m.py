@@ -7,7 +7,8 @@ Every step runs as its own process; its wall time and its own peak RSS are print
 the command as a child of a fresh child, so ru_maxrss is that command's alone). On the same files:
 
   (a) naive     pandas + Python sets: read the CSV, strip, dedupe, regex check, set differences against the
-                previous list (Parquet), write members and events as Parquet
+                previous list (Parquet), write members and events as Parquet (pandas and pyarrow are installed
+                with uv into a venv of their own under --out on first use)
   (b) floor     plain DuckDB doing the same set work by hand (read, dedupe, check, two anti-joins, write)
   (c) import    `audience-pipeline import` of the new list (5% out, 5% in) into an audience holding the
                 previous list; no users registry, so (a), (b) and (c) do the same work. The workspace sets
@@ -98,6 +99,19 @@ value = con.execute(sql).fetchone()[0]
 t2 = time.monotonic()
 print(json.dumps([t1 - t0, t2 - t1, value]))
 """
+
+
+def naive_python(out_root: Path) -> str:
+    """A Python with pandas for (a), in a venv of its own under --out: installed into the project's environment,
+    pandas would slow every `audience-pipeline` start (pandera imports it when it is there)."""
+    venv = out_root / "naive-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        uv = [shutil.which("uv")] if shutil.which("uv") else ["python3", "-m", "uv"]
+        subprocess.run([*uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+        subprocess.run([*uv, "pip", "install", "--quiet", "--python", str(python), "pandas>=2.2", "pyarrow>=18"],
+                       check=True)
+    return str(python)
 
 
 def ident(seed: int) -> str:
@@ -272,7 +286,7 @@ def main() -> None:
 
     results: dict = {"ids": n, "seed": args.seed, "load_before": load_before, "at": datetime.now(UTC).isoformat()}
     if "a" in parts:
-        results["a"] = measure([sys.executable, "-c", NAIVE_PANDAS, str(files["new_csv"]),
+        results["a"] = measure([naive_python(args.out.resolve()), "-c", NAIVE_PANDAS, str(files["new_csv"]),
                                 str(files["prev_parquet"]), str(out)])
     if "b" in parts:
         floor_script = out / "floor.sql"
