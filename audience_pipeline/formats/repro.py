@@ -45,7 +45,13 @@ def parse_query(raw_path: Path, file_name: str, feed, work_dir: Path, received_a
     sql = f"""
         WITH lines AS ({NUMBERED_LINES}),
         trimmed AS (
-            SELECT source_line, line, overflow, trim(coalesce(line, ''), ' \t') AS value FROM lines
+            -- trim() with a character list costs 5x a prefix test on 16M lines; most IDs need no trimming
+            SELECT source_line, line, overflow,
+                   CASE WHEN line IS NULL THEN ''
+                        WHEN starts_with(line, ' ') OR starts_with(line, '\t') OR ends_with(line, ' ')
+                             OR ends_with(line, '\t') THEN trim(line, ' \t')
+                        ELSE line END AS value
+            FROM lines
         )
         SELECT
             source_line,
