@@ -12,68 +12,86 @@ from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from audience_pipeline import faults
-from audience_pipeline.duck import copy_to_parquet
-from audience_pipeline.sql import quote_identifier, quote_literal
+from audience_pipeline.duck import arrow_utc, copy_to_parquet
+from audience_pipeline.sql import quote_identifier
 from audience_pipeline.storage.catalog import CurrentVersion, NewVersion
-from audience_pipeline.storage.lake import MEMBERS_SCHEMA, Lake
+from audience_pipeline.storage.lake import Lake
 
-# The last command per (audience, user) in line order decides the outcome of the file for that pair. When
-# every row is a plain add without attributes (Repro), one max() replaces the arg_max() aggregates,
-# which halves this step on 16M rows.
-FINAL_STATE = """
-CREATE OR REPLACE TEMP TABLE final_state AS
-SELECT m.audience_id, r.user_id,
-       arg_max(r.action, r.source_line) AS action,
-       arg_max(r.expires_at, r.source_line) AS expires_at,
-       arg_max(r.data_bag, r.source_line) AS data_bag,
-       max(r.source_line) AS source_line
-FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
-GROUP BY ALL
+# One aggregation over the file's rows and the previous lists together gives, per (audience, user), the
+# file's last command (line order decides) and the previous membership. It replaces a GROUP BY of the file
+# followed by a full outer join with the previous lists: one hash table instead of two, and at 16M IDs under
+# a 1 GB memory limit half the time (both spill). arg_max_null, not arg_max: a last command without an expiry
+# or a data bag clears them (arg_max skips NULLs and would keep an earlier command's).
+MERGED = """
+SELECT audience_id, user_id, bool_or(in_file) AS touched, {file_state},
+       max(source_line) FILTER (WHERE in_file) AS source_line,
+       bool_or(NOT in_file) AS in_previous,
+       any_value(qualified_at) FILTER (WHERE NOT in_file) AS previous_qualified_at, {previous_state}
+FROM (
+    SELECT m.audience_id, r.user_id, true AS in_file, {file_columns}, r.source_line,
+           NULL::TIMESTAMPTZ AS qualified_at, NULL::TIMESTAMPTZ AS previous_expires_at,
+           NULL::VARCHAR AS previous_data_bag
+    FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
+    UNION ALL
+    SELECT audience_id, user_id, false, NULL, NULL, NULL, NULL, qualified_at, {previous_columns} FROM {previous}
+)
+GROUP BY audience_id, user_id
 """
 
-FINAL_STATE_ADDS_ONLY = """
-CREATE OR REPLACE TEMP TABLE final_state AS
-SELECT m.audience_id, r.user_id, 'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag,
-       max(r.source_line) AS source_line
-FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
-GROUP BY ALL
-"""
+# Every aggregate state held per (audience, user) is memory that spills at 16M IDs, so when every row of the
+# file is a plain add without attributes (Repro), or no previous member has an expiry or a data bag, constants
+# stand in for those aggregates.
+FILE_COLUMNS = "r.action AS action, r.expires_at AS expires_at, r.data_bag AS data_bag"
+FILE_STATE = """arg_max_null(action, source_line) FILTER (WHERE in_file) AS action,
+       arg_max_null(expires_at, source_line) FILTER (WHERE in_file) AS expires_at,
+       arg_max_null(data_bag, source_line) FILTER (WHERE in_file) AS data_bag"""
+PLAIN_ADDS = "'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag"
+
+PREVIOUS_COLUMNS = "expires_at, data_bag"
+PREVIOUS_STATE = """any_value(previous_expires_at) FILTER (WHERE NOT in_file) AS previous_expires_at,
+       any_value(previous_data_bag) FILTER (WHERE NOT in_file) AS previous_data_bag"""
+PREVIOUS_PLAIN = "NULL::TIMESTAMPTZ AS previous_expires_at, NULL::VARCHAR AS previous_data_bag"
+
+PREVIOUS_FILES = """(SELECT audience_id::BIGINT AS audience_id, user_id, qualified_at, expires_at, data_bag
+                     FROM read_parquet($previous_files, hive_partitioning = true))"""
+NO_PREVIOUS = """(SELECT NULL::BIGINT AS audience_id, NULL::VARCHAR AS user_id, NULL::TIMESTAMPTZ AS qualified_at,
+                         NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag WHERE false)"""
+PREVIOUS_HAS_ATTRIBUTES = "SELECT count(expires_at) + count(data_bag) > 0 FROM read_parquet($previous_files)"
 
 HAS_ATTRIBUTES = """
 SELECT count(*) FILTER (WHERE action <> 'add' OR expires_at IS NOT NULL OR data_bag IS NOT NULL) > 0
 FROM read_parquet($rows)
 """
 
-# One full outer join of the file's final state with the previous lists gives, per (audience, user),
-# membership before and after; the new lists and the events are all filters of it.
+# Per (audience, user), membership before and after; the new lists and the events are all filters of it.
 #   was_member  in the previous list and not expired at the import's time
 #   lapsed      in the previous list but expired by then: it left at its expires_at (event at that instant)
 #   is_member   the file adds it (with an expiry still ahead), or leaves it untouched where untouched members
 #               stay (an incremental file, or another part of the same dated list)
 TRANSITIONS = """
-CREATE OR REPLACE TEMP TABLE transitions AS
-SELECT audience_id, user_id, was_member, lapsed, lapsed_at, source_line, expires_at, data_bag,
-       CASE WHEN touched THEN action = 'add' AND coalesce(expires_at > $event_at, true)
-            ELSE keep_untouched AND NOT lapsed END AS is_member,
-       CASE WHEN was_member THEN qualified_at ELSE $event_at::TIMESTAMPTZ END AS qualified_at,
-       touched AND action = 'remove' AND NOT was_member AS noop
+SELECT *, is_member <> was_member OR lapsed OR noop AS changed
 FROM (
-    SELECT coalesce(f.audience_id, p.audience_id) AS audience_id,
-           coalesce(f.user_id, p.user_id) AS user_id,
-           f.user_id IS NOT NULL AS touched,
-           f.action,
-           p.user_id IS NOT NULL AND coalesce(p.expires_at > $event_at, true) AS was_member,
-           p.user_id IS NOT NULL AND coalesce(p.expires_at <= $event_at, false) AS lapsed,
-           p.expires_at AS lapsed_at,
-           p.qualified_at,
-           CASE WHEN f.user_id IS NOT NULL THEN f.expires_at ELSE p.expires_at END AS expires_at,
-           CASE WHEN f.user_id IS NOT NULL THEN f.data_bag ELSE p.data_bag END AS data_bag,
-           f.source_line,
-           m.keep_untouched
-    FROM final_state f FULL OUTER JOIN previous p ON p.audience_id = f.audience_id AND p.user_id = f.user_id
-    JOIN audience_map m ON m.audience_id = coalesce(f.audience_id, p.audience_id)
+    SELECT audience_id, user_id, touched, was_member, lapsed, lapsed_at, source_line, expires_at, data_bag,
+           CASE WHEN touched THEN action = 'add' AND coalesce(expires_at > $event_at, true)
+                ELSE keep_untouched AND NOT lapsed END AS is_member,
+           CASE WHEN was_member THEN qualified_at ELSE $event_at::TIMESTAMPTZ END AS qualified_at,
+           touched AND action = 'remove' AND NOT was_member AS noop
+    FROM (
+        SELECT g.audience_id, g.user_id, g.touched, g.action, g.source_line,
+               g.in_previous AND coalesce(g.previous_expires_at > $event_at, true) AS was_member,
+               g.in_previous AND coalesce(g.previous_expires_at <= $event_at, false) AS lapsed,
+               g.previous_expires_at AS lapsed_at,
+               g.previous_qualified_at AS qualified_at,
+               CASE WHEN g.touched THEN g.expires_at ELSE g.previous_expires_at END AS expires_at,
+               CASE WHEN g.touched THEN g.data_bag ELSE g.previous_data_bag END AS data_bag,
+               m.keep_untouched
+        FROM ({merged}) g JOIN audience_map m ON m.audience_id = g.audience_id
+    )
 )
 """
 
@@ -81,23 +99,34 @@ FROM (
 # instants, the only case with more than one event per (import, audience, user).
 EVENTS = """
 SELECT audience_id, user_id, 'disqualify' AS action, lapsed_at AS event_at, NULL::BIGINT AS source_line
-FROM transitions WHERE lapsed
+FROM read_parquet($changes) WHERE lapsed
 UNION ALL
 SELECT audience_id, user_id, CASE WHEN is_member THEN 'qualify' ELSE 'disqualify' END, $event_at::TIMESTAMPTZ,
        source_line
-FROM transitions WHERE is_member <> was_member
+FROM read_parquet($changes) WHERE is_member <> was_member
 """
 
-COUNTS = """
-SELECT m.audience_id,
-       count(t.user_id) FILTER (WHERE t.is_member),
-       count(t.user_id) FILTER (WHERE t.is_member AND NOT t.was_member),
-       count(t.user_id) FILTER (WHERE (t.was_member AND NOT t.is_member) OR t.lapsed),
-       count(t.user_id) FILTER (WHERE t.noop),
-       min(t.expires_at) FILTER (WHERE t.is_member)
-FROM audience_map m LEFT JOIN transitions t ON t.audience_id = m.audience_id
-GROUP BY m.audience_id ORDER BY m.audience_id
+CHANGE_COUNTS = """
+SELECT audience_id,
+       count(*) FILTER (WHERE is_member AND NOT was_member),
+       count(*) FILTER (WHERE (was_member AND NOT is_member) OR lapsed),
+       count(*) FILTER (WHERE noop)
+FROM read_parquet($changes) GROUP BY audience_id
 """
+
+MEMBER_COLUMNS = ["user_id", "qualified_at", "expires_at", "data_bag"]
+MEMBERS_PARQUET = {
+    "compression": "zstd", "compression_level": 1,
+    "use_dictionary": ["qualified_at", "expires_at", "data_bag"],
+    "column_encoding": {"user_id": "DELTA_LENGTH_BYTE_ARRAY"},
+}
+TRANSITIONS_BATCH_ROWS = 1 << 17
+
+
+@dataclass
+class _Tally:
+    members: int = 0
+    next_expiry: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -149,48 +178,46 @@ def compute_diff(
 
     previous_files = [str(lake.members_file(a, cv.version)) for a, cv in current.items()
                       if lake.fetch(lake.members_file(a, cv.version))]
-    if previous_files:
-        con.execute(
-            """CREATE OR REPLACE TEMP TABLE previous AS
-               SELECT audience_id::BIGINT AS audience_id, user_id, qualified_at, expires_at, data_bag
-               FROM read_parquet(?, hive_partitioning = true)""",
-            [previous_files],
-        )
-    else:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE previous (audience_id BIGINT, {MEMBERS_SCHEMA})")
-
     params = {"rows": str(rows_path)}
-    (has_attributes,) = con.execute(HAS_ATTRIBUTES, params).fetchone()
-    con.execute(FINAL_STATE if has_attributes else FINAL_STATE_ADDS_ONLY, params)
+    # fetchall, not fetchone: an unfinished result would block the streamed query below
+    [(file_attributes,)] = con.execute(HAS_ATTRIBUTES, params).fetchall()
+    previous_attributes = False
+    if previous_files:
+        params["previous_files"] = previous_files
+        [(previous_attributes,)] = con.execute(PREVIOUS_HAS_ATTRIBUTES,
+                                               {"previous_files": previous_files}).fetchall()
+    merged = MERGED.format(
+        file_columns=FILE_COLUMNS if file_attributes else PLAIN_ADDS,
+        file_state=FILE_STATE if file_attributes else PLAIN_ADDS,
+        previous_columns=PREVIOUS_COLUMNS if previous_attributes else "NULL, NULL",
+        previous_state=PREVIOUS_STATE if previous_attributes else PREVIOUS_PLAIN,
+        previous=PREVIOUS_FILES if previous_files else NO_PREVIOUS,
+    )
     faults.point("diff.final_state")
-    (pairs,) = con.execute("SELECT count(*) FROM final_state").fetchone()
-    con.execute(TRANSITIONS, {"event_at": event_at})
-    faults.point("diff.transitions")
-
     staged = lake.staging(f"import_{import_id}_members")
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir(parents=True)
-    for audience_id in sorted(audience_ids.values()):
-        target = staged / f"audience_id={audience_id}" / f"version={import_id}" / "data_0.parquet"
-        target.parent.mkdir(parents=True)
-        con.execute(
-            f"""COPY (SELECT user_id, qualified_at, expires_at, data_bag FROM transitions
-                      WHERE audience_id = ? AND is_member)
-                TO {quote_literal(target)} (FORMAT parquet, COMPRESSION zstd)""",
-            [audience_id],
-        )
+    changes = staged / "changes.parquet"
+    # Several audiences come out one after the other, so each members file is written in one go.
+    order = " ORDER BY audience_id" if len(audience_ids) > 1 else ""
+    tallies, pairs = _write_transitions(con, TRANSITIONS.format(merged=merged) + order,
+                                        params | {"event_at": event_at}, staged, import_id, audience_ids, changes)
+    faults.point("diff.transitions")
     faults.point("diff.members_written")
-    copy_to_parquet(con, EVENTS, {"event_at": event_at}, lake.events(import_id))
+    copy_to_parquet(con, EVENTS, {"event_at": event_at, "changes": str(changes)}, lake.events(import_id))
     faults.point("diff.events_written")
-    counts = con.execute(COUNTS).fetchall()
+    changed = {a: (q, d, n) for a, q, d, n in con.execute(CHANGE_COUNTS, {"changes": str(changes)}).fetchall()}
     times = list_times(con, rows_path)
     keys = {v: k for k, v in audience_ids.items()}
-    versions = [
-        NewVersion(audience_id=a, member_count=n, qualified=q, disqualified=d, next_expiry=e,
-                   list_time=times.get(keys[a]))
-        for a, n, q, d, _, e in counts
-    ]
+    versions = []
+    for audience_id in sorted(audience_ids.values()):
+        qualified, disqualified, _ = changed.get(audience_id, (0, 0, 0))
+        tally = tallies[audience_id]
+        versions.append(NewVersion(audience_id=audience_id, member_count=tally.members, qualified=qualified,
+                                   disqualified=disqualified, next_expiry=tally.next_expiry,
+                                   list_time=times.get(keys[audience_id])))
+    noops = sum(n for _, _, n in changed.values())
     for audience_id in sorted(audience_ids.values()):
         lake.move_into_place(staged / f"audience_id={audience_id}" / f"version={import_id}",
                              lake.members_dir(audience_id, import_id))
@@ -198,6 +225,66 @@ def compute_diff(
     lake.publish(lake.events(import_id))
     faults.point("diff.moved_into_place")
     shutil.rmtree(staged)
-    for table in ("final_state", "transitions", "previous", "audience_map"):
-        con.execute(f"DROP TABLE IF EXISTS {quote_identifier(table)}")
-    return DiffResult(versions=versions, pairs=pairs, noops=sum(row[4] for row in counts))
+    con.execute(f"DROP TABLE IF EXISTS {quote_identifier('audience_map')}")
+    return DiffResult(versions=versions, pairs=pairs, noops=noops)
+
+
+def _write_transitions(con: duckdb.DuckDBPyConnection, sql: str, params: dict, staged: Path, import_id: int,
+                       audience_ids: dict[str, int], changes: Path) -> tuple[dict[int, _Tally], int]:
+    """Stream the transitions once: members go to each audience's new list, changed rows (events, no-ops) to
+    ``changes``. Materializing them instead (16.8M rows at 16M IDs) spilled to disk and was read back twice.
+    Returns, per audience, its member count and next expiry, and the number of (audience, user) pairs the
+    file named."""
+    reader = con.sql(sql, params=params).to_arrow_reader(TRANSITIONS_BATCH_ROWS)
+    members_schema = pa.schema([arrow_utc(reader.schema.field(c)) for c in MEMBER_COLUMNS])
+    changes_schema = pa.schema([arrow_utc(f) for f in reader.schema])
+    tallies = {a: _Tally() for a in audience_ids.values()}
+    pairs = 0
+    writer, writing = None, None
+    with pq.ParquetWriter(changes, changes_schema, compression="zstd", compression_level=1) as changes_out:
+        try:
+            for batch in reader:
+                pairs += pc.sum(batch.column("touched")).as_py() or 0
+                changed = batch.filter(batch.column("changed"))
+                if changed.num_rows:
+                    changes_out.write_batch(changed.cast(changes_schema))
+                members = batch.filter(batch.column("is_member"))
+                for audience_id, part in _by_audience(members):
+                    if audience_id != writing:
+                        if writer is not None:
+                            writer.close()
+                        writer, writing = pq.ParquetWriter(_members_target(staged, audience_id, import_id),
+                                                           members_schema, **MEMBERS_PARQUET), audience_id
+                    writer.write_batch(part.select(MEMBER_COLUMNS).cast(members_schema))
+                    tally = tallies[audience_id]
+                    tally.members += part.num_rows
+                    expiry = pc.min(part.column("expires_at")).as_py()
+                    if expiry is not None and (tally.next_expiry is None or expiry < tally.next_expiry):
+                        tally.next_expiry = expiry
+        finally:
+            if writer is not None:
+                writer.close()
+    for audience_id, tally in tallies.items():
+        if tally.members == 0:  # an emptied audience still gets its (empty) list
+            pq.ParquetWriter(_members_target(staged, audience_id, import_id), members_schema,
+                             **MEMBERS_PARQUET).close()
+    return tallies, pairs
+
+
+def _by_audience(batch: pa.RecordBatch):
+    """(audience_id, rows) of a batch, in the order the audiences come (the stream is sorted by audience)."""
+    if batch.num_rows == 0:
+        return
+    ids = batch.column("audience_id")
+    bounds = pc.min_max(ids)
+    if bounds["min"] == bounds["max"]:
+        yield bounds["min"].as_py(), batch
+        return
+    for audience_id in pc.unique(ids).to_pylist():
+        yield audience_id, batch.filter(pc.equal(ids, audience_id))
+
+
+def _members_target(staged: Path, audience_id: int, import_id: int) -> Path:
+    target = staged / f"audience_id={audience_id}" / f"version={import_id}" / "data_0.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target

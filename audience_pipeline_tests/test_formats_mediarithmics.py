@@ -102,6 +102,23 @@ def test_expiry_duration_ts_and_precedence(mics):
         (4, "expiration_ts_unit")]
 
 
+def test_the_last_update_replaces_expiry_and_data_bag_even_with_none(mics):
+    """An UPDATE without expiry or data bag after one with them clears both: the last command decides."""
+    text = ndjson(
+        {"operation": "UPDATE", "expiration_duration": 60, "user_account_id": "acc-1", "segment_id": "last",
+         "data_bag": json.dumps({"tier": "gold"})},
+        {"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "acc-1", "segment_id": "last"},
+        {"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "acc-2", "segment_id": "last"},
+        {"operation": "UPDATE", "expiration_duration": 30, "user_account_id": "acc-2", "segment_id": "last",
+         "data_bag": json.dumps({"tier": "new"})},
+    )
+    record = mics.import_file("last.ndjson", text, feed="mics")
+    rows = {u: (e, b) for u, e, b in mics.query(
+        "SELECT user_id, expires_at, data_bag FROM members WHERE audience_name = 'last'")}
+    assert rows["U1"] == (None, None)
+    assert rows["U2"] == (record.received_at + timedelta(minutes=30), json.dumps({"tier": "new"}))
+
+
 def test_bad_lines_are_rejected_with_reasons(mics):
     lines = [
         json.dumps({"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "acc-1", "segment_id": "b"}),
