@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import multiprocessing
+import queue
 import random
 import time
 from collections import defaultdict
@@ -114,7 +115,13 @@ def _worker(config_path: str, todo, done) -> None:
     service = ImportService(load_workspace(config_path))
     while (item := todo.get()) is not None:
         seq, feed, path = item
-        record = import_one(service, feed, Path(path), f"sim:{seq}")
+        try:
+            record = import_one(service, feed, Path(path), f"sim:{seq}")
+        except Exception:  # reported, not raised: the other imports go on and the report names it
+            import traceback
+
+            done.put((seq, None, "error", traceback.format_exc()))
+            continue
         done.put((seq, record.import_id, record.status, record.error))
 
 
@@ -131,7 +138,13 @@ def run_concurrently(config_path: Path, deliveries: list[Delivery], processes: i
         w.start()
     results = {}
     while len(results) < len(deliveries):
-        seq, import_id, status, error = done.get(timeout=600)
+        try:
+            seq, import_id, status, error = done.get(timeout=5)
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers):
+                raise RuntimeError(f"every worker exited ({[w.exitcode for w in workers]}) with "
+                                   f"{len(deliveries) - len(results)} imports left") from None
+            continue
         results[seq] = (import_id, status, error)
     for w in workers:
         w.join(60)

@@ -59,7 +59,7 @@ def test_concurrent_imports_equal_the_serial_application(tmp_path, production_in
     assert set(statuses) == {"succeeded", "skipped"}, [i for i in imports if i[2] not in ("succeeded", "skipped")]
     # the stale ODP lists, at least, were skipped, with that reason
     assert all(error.startswith(("stale", "content identical")) for _, _, s, error, _ in imports if s == "skipped")
-    assert len(results) == len(by_workers)
+    assert len(results) == len(by_workers) and all(import_id for import_id, _, _ in results.values())
 
     arrival = [seq_of[uri] for _, uri, *_ in imports]
     expected = serial_expectation(deliveries, arrival)
@@ -79,3 +79,22 @@ def test_the_expectation_follows_arrival_order_and_list_time():
                   Delivery(3, "odp", "b", Path("w"), frozenset({"u4"}), 4)]
     assert serial_expectation(deliveries, [0, 1, 2, 3]) == {"a": {"u2"}, "b": {"u3"}}
     assert serial_expectation(deliveries, [1, 0, 3, 2]) == {"a": {"u1"}, "b": {"u3"}}
+
+
+@pytest.mark.timeout(600)
+def test_concurrent_imports_on_one_machine_with_the_duckdb_catalog(tmp_path):
+    """The default catalog file, shared by three processes on one machine (fewer imports: each catalog
+    session holds the whole file, so processes queue for it)."""
+    ws = tmp_path / "ws"
+    config = write_workspace(ws, None)
+    workspace = load_workspace(config)
+    prepare(workspace)
+    deliveries = generate(ws, 20, 60, seed=11)
+    results = run_concurrently(config, deliveries, 3)
+    assert {status for _, status, _ in results.values()} == {"succeeded", "skipped"}, [
+        r for r in results.values() if r[1] not in ("succeeded", "skipped")]
+    arrival = sorted(results, key=lambda seq: results[seq][0])
+    observed = observe(workspace.analytics)
+    assert observed.problems == []
+    expected = serial_expectation(deliveries, arrival)
+    assert {a: sorted(m) for a, m in observed.members.items()} == {a: sorted(m) for a, m in expected.items()}

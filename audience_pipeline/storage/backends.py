@@ -61,7 +61,7 @@ class DuckDBBackend:
                         f"catalog {self.path} stayed locked by another process for {self.lock_timeout:.0f} s"
                     ) from exc
                 time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 0.2)
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute(schema)

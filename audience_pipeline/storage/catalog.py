@@ -338,7 +338,7 @@ class Catalog:
             if time.monotonic() > deadline:
                 raise CatalogBusy(f"{blocker} (waited {self.lock_timeout:.0f} s)")
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, 0.5)
         try:
             yield
         finally:
