@@ -26,7 +26,7 @@ from audience_pipeline.storage.lake import Lake
 # file's last command (line order decides) and the previous membership. It replaces a GROUP BY of the file
 # followed by a full outer join with the previous lists: one hash table instead of two, and at 16M IDs under
 # a 1 GB memory limit half the time (both spill). arg_max_null, not arg_max: a last command without an expiry
-# or a data bag clears them (arg_max skips NULLs and would keep an earlier command's).
+# clears it (arg_max skips NULLs and would keep an earlier command's).
 MERGED = """
 SELECT audience_id, user_id, bool_or(in_file) AS touched, {file_state},
        max(source_line) FILTER (WHERE in_file) AS source_line,
@@ -34,39 +34,44 @@ SELECT audience_id, user_id, bool_or(in_file) AS touched, {file_state},
        any_value(qualified_at) FILTER (WHERE NOT in_file) AS previous_qualified_at, {previous_state}
 FROM (
     SELECT m.audience_id, r.user_id, true AS in_file, {file_columns}, r.source_line,
-           NULL::TIMESTAMPTZ AS qualified_at, NULL::TIMESTAMPTZ AS previous_expires_at,
-           NULL::VARCHAR AS previous_data_bag
+           NULL::TIMESTAMPTZ AS qualified_at, NULL::TIMESTAMPTZ AS previous_expires_at
     FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
     UNION ALL
-    SELECT audience_id, user_id, false, NULL, NULL, NULL, NULL, qualified_at, {previous_columns} FROM {previous}
+    SELECT audience_id, user_id, false, NULL, NULL, NULL, qualified_at, {previous_columns} FROM {previous}
 )
 GROUP BY audience_id, user_id
 """
 
-# Every aggregate state held per (audience, user) is memory that spills at 16M IDs, so when every row of the
-# file is a plain add without attributes (Repro), or no previous member has an expiry or a data bag, constants
-# stand in for those aggregates.
-FILE_COLUMNS = "r.action AS action, r.expires_at AS expires_at, r.data_bag AS data_bag"
-FILE_STATE = """arg_max_null(action, source_line) FILTER (WHERE in_file) AS action,
-       arg_max_null(expires_at, source_line) FILTER (WHERE in_file) AS expires_at,
-       arg_max_null(data_bag, source_line) FILTER (WHERE in_file) AS data_bag"""
-PLAIN_ADDS = "'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag"
+# The aggregate holds a state per (audience, user) and spills at 16M IDs, so its states are kept small and
+# fixed-width: with the action and data bags aggregated as text, an incremental import of 4M members once ran
+# out of its 1 GB. The action is a boolean, data bags are joined in afterwards by the line of the last
+# command, and when every row of the file is a plain add (Repro), or no previous member has an expiry or a
+# bag, constants stand in.
+FILE_COLUMNS = "r.action = 'add' AS is_add, r.expires_at AS expires_at"
+FILE_STATE = """arg_max_null(is_add, source_line) FILTER (WHERE in_file) AS is_add,
+       arg_max_null(expires_at, source_line) FILTER (WHERE in_file) AS expires_at"""
+PLAIN_ADDS = "true AS is_add, NULL::TIMESTAMPTZ AS expires_at"
 
-PREVIOUS_COLUMNS = "expires_at, data_bag"
-PREVIOUS_STATE = """any_value(previous_expires_at) FILTER (WHERE NOT in_file) AS previous_expires_at,
-       any_value(previous_data_bag) FILTER (WHERE NOT in_file) AS previous_data_bag"""
-PREVIOUS_PLAIN = "NULL::TIMESTAMPTZ AS previous_expires_at, NULL::VARCHAR AS previous_data_bag"
+PREVIOUS_STATE = "any_value(previous_expires_at) FILTER (WHERE NOT in_file) AS previous_expires_at"
+PREVIOUS_PLAIN = "NULL::TIMESTAMPTZ AS previous_expires_at"
+
+FILE_BAGS = """LEFT JOIN (SELECT m.audience_id, r.user_id, r.source_line, r.data_bag
+                          FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
+                          WHERE r.data_bag IS NOT NULL) fb
+                 ON fb.audience_id = g.audience_id AND fb.user_id = g.user_id AND fb.source_line = g.source_line"""
+PREVIOUS_BAGS = """LEFT JOIN (SELECT audience_id, user_id, data_bag FROM {previous} WHERE data_bag IS NOT NULL) pb
+                     ON pb.audience_id = g.audience_id AND pb.user_id = g.user_id"""
 
 PREVIOUS_FILES = """(SELECT audience_id::BIGINT AS audience_id, user_id, qualified_at, expires_at, data_bag
                      FROM read_parquet($previous_files, hive_partitioning = true))"""
 NO_PREVIOUS = """(SELECT NULL::BIGINT AS audience_id, NULL::VARCHAR AS user_id, NULL::TIMESTAMPTZ AS qualified_at,
                          NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag WHERE false)"""
-PREVIOUS_HAS_ATTRIBUTES = "SELECT count(expires_at) + count(data_bag) > 0 FROM read_parquet($previous_files)"
-
-HAS_ATTRIBUTES = """
-SELECT count(*) FILTER (WHERE action <> 'add' OR expires_at IS NOT NULL OR data_bag IS NOT NULL) > 0
+# (commands other than plain adds or with an expiry, data bags) in the file, and (expiries, bags) before it
+FILE_ATTRIBUTES = """
+SELECT count(*) FILTER (WHERE action <> 'add' OR expires_at IS NOT NULL) > 0, count(data_bag) > 0
 FROM read_parquet($rows)
 """
+PREVIOUS_ATTRIBUTES = "SELECT count(expires_at) > 0, count(data_bag) > 0 FROM read_parquet($previous_files)"
 
 # Per (audience, user), membership before and after; the new lists and the events are all filters of it.
 #   was_member  in the previous list and not expired at the import's time
@@ -77,20 +82,20 @@ TRANSITIONS = """
 SELECT *, is_member <> was_member OR lapsed OR noop AS changed
 FROM (
     SELECT audience_id, user_id, touched, was_member, lapsed, lapsed_at, source_line, expires_at, data_bag,
-           CASE WHEN touched THEN action = 'add' AND coalesce(expires_at > $event_at, true)
+           CASE WHEN touched THEN is_add AND coalesce(expires_at > $event_at, true)
                 ELSE keep_untouched AND NOT lapsed END AS is_member,
            CASE WHEN was_member THEN qualified_at ELSE $event_at::TIMESTAMPTZ END AS qualified_at,
-           touched AND action = 'remove' AND NOT was_member AS noop
+           touched AND NOT is_add AND NOT was_member AS noop
     FROM (
-        SELECT g.audience_id, g.user_id, g.touched, g.action, g.source_line,
+        SELECT g.audience_id, g.user_id, g.touched, g.is_add, g.source_line,
                g.in_previous AND coalesce(g.previous_expires_at > $event_at, true) AS was_member,
                g.in_previous AND coalesce(g.previous_expires_at <= $event_at, false) AS lapsed,
                g.previous_expires_at AS lapsed_at,
                g.previous_qualified_at AS qualified_at,
                CASE WHEN g.touched THEN g.expires_at ELSE g.previous_expires_at END AS expires_at,
-               CASE WHEN g.touched THEN g.data_bag ELSE g.previous_data_bag END AS data_bag,
+               CASE WHEN g.touched THEN {file_bag} ELSE {previous_bag} END AS data_bag,
                m.keep_untouched
-        FROM ({merged}) g JOIN audience_map m ON m.audience_id = g.audience_id
+        FROM ({merged}) g JOIN audience_map m ON m.audience_id = g.audience_id {bag_joins}
     )
 )
 """
@@ -180,18 +185,26 @@ def compute_diff(
                       if lake.fetch(lake.members_file(a, cv.version))]
     params = {"rows": str(rows_path)}
     # fetchall, not fetchone: an unfinished result would block the streamed query below
-    [(file_attributes,)] = con.execute(HAS_ATTRIBUTES, params).fetchall()
-    previous_attributes = False
+    [(file_commands, file_bags)] = con.execute(FILE_ATTRIBUTES, params).fetchall()
+    previous_expiries = previous_bags = False
     if previous_files:
         params["previous_files"] = previous_files
-        [(previous_attributes,)] = con.execute(PREVIOUS_HAS_ATTRIBUTES,
-                                               {"previous_files": previous_files}).fetchall()
+        [(previous_expiries, previous_bags)] = con.execute(PREVIOUS_ATTRIBUTES,
+                                                           {"previous_files": previous_files}).fetchall()
+    previous = PREVIOUS_FILES if previous_files else NO_PREVIOUS
     merged = MERGED.format(
-        file_columns=FILE_COLUMNS if file_attributes else PLAIN_ADDS,
-        file_state=FILE_STATE if file_attributes else PLAIN_ADDS,
-        previous_columns=PREVIOUS_COLUMNS if previous_attributes else "NULL, NULL",
-        previous_state=PREVIOUS_STATE if previous_attributes else PREVIOUS_PLAIN,
-        previous=PREVIOUS_FILES if previous_files else NO_PREVIOUS,
+        file_columns=FILE_COLUMNS if file_commands else PLAIN_ADDS,
+        file_state=FILE_STATE if file_commands else PLAIN_ADDS,
+        previous_columns="expires_at" if previous_expiries else "NULL",
+        previous_state=PREVIOUS_STATE if previous_expiries else PREVIOUS_PLAIN,
+        previous=previous,
+    )
+    transitions = TRANSITIONS.format(
+        merged=merged,
+        file_bag="fb.data_bag" if file_bags else "NULL::VARCHAR",
+        previous_bag="pb.data_bag" if previous_bags else "NULL::VARCHAR",
+        bag_joins=(FILE_BAGS if file_bags else "") + " " + (PREVIOUS_BAGS.format(previous=previous)
+                                                             if previous_bags else ""),
     )
     faults.point("diff.final_state")
     staged = lake.staging(f"import_{import_id}_members")
@@ -201,7 +214,7 @@ def compute_diff(
     changes = staged / "changes.parquet"
     # Several audiences come out one after the other, so each members file is written in one go.
     order = " ORDER BY audience_id" if len(audience_ids) > 1 else ""
-    tallies, pairs = _write_transitions(con, TRANSITIONS.format(merged=merged) + order,
+    tallies, pairs = _write_transitions(con, transitions + order,
                                         params | {"event_at": event_at}, staged, import_id, audience_ids, changes)
     faults.point("diff.transitions")
     faults.point("diff.members_written")
