@@ -47,6 +47,29 @@ GROUP BY audience_id, user_id
 # out of its 1 GB. The action is a boolean, data bags are joined in afterwards by the line of the last
 # command, and when every row of the file is a plain add (Repro), or no previous member has an expiry or a
 # bag, constants stand in.
+# A file much smaller than the lists it changes (incremental commands against a big audience) takes another
+# road: its own last commands are grouped first (a small table), and a full outer join builds its hash table
+# on them and streams the previous lists past it, so no state is held per previous member at all. Grouping
+# 16M previous members with a few thousand commands ran out of a 1 GB memory limit about one time in three.
+SMALL_FILE_SHARE = 0.25
+FINAL_STATE = """
+CREATE OR REPLACE TEMP TABLE final_state AS
+SELECT m.audience_id, r.user_id, {file_state}, max(r.source_line) AS source_line
+FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
+GROUP BY m.audience_id, r.user_id
+"""
+FINAL_STATE_COMMANDS = """arg_max_null(r.action = 'add', r.source_line) AS is_add,
+       arg_max_null(r.expires_at, r.source_line) AS expires_at"""
+JOINED = """
+SELECT coalesce(f.audience_id, p.audience_id) AS audience_id, coalesce(f.user_id, p.user_id) AS user_id,
+       f.user_id IS NOT NULL AS touched, f.is_add, f.expires_at, f.source_line,
+       p.user_id IS NOT NULL AS in_previous, p.qualified_at AS previous_qualified_at,
+       {previous_expiry} AS previous_expires_at
+FROM final_state f FULL OUTER JOIN {previous} p ON p.audience_id = f.audience_id AND p.user_id = f.user_id
+"""
+ROW_COUNTS = """SELECT (SELECT count(*) FROM read_parquet($rows)),
+                       (SELECT count(*) FROM read_parquet($previous_files))"""
+
 FILE_COLUMNS = "r.action = 'add' AS is_add, r.expires_at AS expires_at"
 FILE_STATE = """arg_max_null(is_add, source_line) FILTER (WHERE in_file) AS is_add,
        arg_max_null(expires_at, source_line) FILTER (WHERE in_file) AS expires_at"""
@@ -192,13 +215,22 @@ def compute_diff(
         [(previous_expiries, previous_bags)] = con.execute(PREVIOUS_ATTRIBUTES,
                                                            {"previous_files": previous_files}).fetchall()
     previous = PREVIOUS_FILES if previous_files else NO_PREVIOUS
-    merged = MERGED.format(
-        file_columns=FILE_COLUMNS if file_commands else PLAIN_ADDS,
-        file_state=FILE_STATE if file_commands else PLAIN_ADDS,
-        previous_columns="expires_at" if previous_expiries else "NULL",
-        previous_state=PREVIOUS_STATE if previous_expiries else PREVIOUS_PLAIN,
-        previous=previous,
-    )
+    small_file = False
+    if previous_files:
+        [(file_rows, previous_rows)] = con.execute(ROW_COUNTS, params).fetchall()
+        small_file = file_rows < SMALL_FILE_SHARE * previous_rows
+    if small_file:
+        con.execute(FINAL_STATE.format(file_state=FINAL_STATE_COMMANDS if file_commands else PLAIN_ADDS),
+                    {"rows": str(rows_path)})
+        merged = JOINED.format(previous=previous, previous_expiry="p.expires_at" if previous_expiries else "NULL")
+    else:
+        merged = MERGED.format(
+            file_columns=FILE_COLUMNS if file_commands else PLAIN_ADDS,
+            file_state=FILE_STATE if file_commands else PLAIN_ADDS,
+            previous_columns="expires_at" if previous_expiries else "NULL",
+            previous_state=PREVIOUS_STATE if previous_expiries else PREVIOUS_PLAIN,
+            previous=previous,
+        )
     transitions = TRANSITIONS.format(
         merged=merged,
         file_bag="fb.data_bag" if file_bags else "NULL::VARCHAR",
@@ -214,8 +246,8 @@ def compute_diff(
     changes = staged / "changes.parquet"
     # Several audiences come out one after the other, so each members file is written in one go.
     order = " ORDER BY audience_id" if len(audience_ids) > 1 else ""
-    tallies, pairs = _write_transitions(con, transitions + order,
-                                        params | {"event_at": event_at}, staged, import_id, audience_ids, changes)
+    bound = {k: v for k, v in (params | {"event_at": event_at}).items() if f"${k}" in transitions}
+    tallies, pairs = _write_transitions(con, transitions + order, bound, staged, import_id, audience_ids, changes)
     faults.point("diff.transitions")
     faults.point("diff.members_written")
     copy_to_parquet(con, EVENTS, {"event_at": event_at, "changes": str(changes)}, lake.events(import_id))
@@ -238,7 +270,8 @@ def compute_diff(
     lake.publish(lake.events(import_id))
     faults.point("diff.moved_into_place")
     shutil.rmtree(staged)
-    con.execute(f"DROP TABLE IF EXISTS {quote_identifier('audience_map')}")
+    for table in ("final_state", "audience_map"):
+        con.execute(f"DROP TABLE IF EXISTS {quote_identifier(table)}")
     return DiffResult(versions=versions, pairs=pairs, noops=noops)
 
 
