@@ -300,7 +300,12 @@ class ImportService:
             return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
         self.catalog.set_audiences(record.import_id, list(audience_ids))
         with self.catalog.audience_locks(record, audience_ids):
-            return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
+            try:
+                return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
+            except duckdb.Error as exc:
+                # e.g. out of memory or disk in the diff: record it, so that the imports queued behind this
+                # one in arrival order do not wait for it until its lease runs out
+                self._fail(record, f"{record.file_name}: the diff failed: {exc}")
 
     def _commit_held(self, record: ImportRecord, semantics: Semantics, rows_path: Path,
                      audience_ids: dict[str, int], summary: Summary | None, union_parts: bool, delete: bool,

@@ -75,3 +75,19 @@ def test_a_dead_holders_lock_expires_with_its_lease(quick):
     record = quick.import_file("a.csv", "u2\n")
     assert record.status == "succeeded" and quick.members("a") == {"u2"}
     assert locks(quick) == []
+
+
+def test_a_diff_that_fails_is_recorded_and_blocks_nobody(quick):
+    quick.import_file("a.csv", "u1\n")
+    members = list((quick.root / "lake" / "members").rglob("*.parquet"))
+    saved = {p: p.read_bytes() for p in members}
+    for path in members:
+        path.write_bytes(b"not parquet")  # the previous list cannot be read
+    failed = quick.import_file("a.csv", "u2\n")
+    assert failed.status == "failed" and "the diff failed" in failed.error and "a.csv" in failed.error
+    assert locks(quick) == []
+    for path, content in saved.items():
+        path.write_bytes(content)
+    # the next delivery of the audience neither waits for the failed one nor sees anything of it
+    record = quick.import_file("a.csv", "u3\n")
+    assert record.status == "succeeded" and quick.members("a") == {"u3"}
