@@ -4,7 +4,7 @@ UV := python3 -m uv
 VENV := .venv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: env demo test dev bench lint clean
+.PHONY: env system-deps demo test dev bench lint clean
 
 env:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -13,8 +13,18 @@ env:
 demo: env
 	$(VENV)/bin/audience-pipeline demo
 
+# Servers and browser the tests drive, from Debian packages when missing: PostgreSQL (the tests start
+# their own cluster from its binaries) and Chromium (the UI test; never a browser download).
+system-deps:
+	@need=(); command -v chromium >/dev/null 2>&1 || need+=(chromium); \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql); \
+	if (( $${#need[@]} )); then \
+	  echo "installing $${need[*]} (apt-get)"; \
+	  apt-get install -y "$${need[@]}" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$${need[@]}" >/dev/null; }; \
+	fi
+
 # Screenshots of the UI test land in test-artifacts/.
-test: env
+test: env system-deps
 	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q
 
 # The Dagster UI and the daemon (which runs the sensors), with DAGSTER_HOME at the repo root.
