@@ -14,7 +14,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import dagster as dg
-import duckdb
 import psycopg
 import pytest
 import yaml
@@ -31,20 +30,13 @@ from audience_pipeline.hashing import sha256_file
 from audience_pipeline.keys import partition_key
 from audience_pipeline.workspace_setup import prepare
 from audience_pipeline_tests.conftest import stop_group
+from audience_pipeline_tests.test_daemon import members
 
 PRODUCTION_YAML = Path(__file__).parents[1] / "deploy" / "dagster.production.yaml"
 FEEDS = ("alpha_feed", "beta_feed", "gamma_feed")
 MAX_CONCURRENT_RUNS = 2
 IN_PROGRESS = {dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED}  # what the coordinator counts
 DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
-
-
-def members(analytics: Path, audience: str) -> set[str]:
-    con = duckdb.connect(str(analytics), read_only=True)
-    try:
-        return {r[0] for r in con.execute("SELECT user_id FROM members WHERE audience_name = ?", [audience]).fetchall()}
-    finally:
-        con.close()
 
 
 @pytest.fixture
