@@ -13,15 +13,43 @@ from rich.console import Console
 from rich.table import Table
 
 from audience_pipeline.config import ConfigError, Workspace, load_workspace
+from audience_pipeline.storage.backends import CatalogBusy
 from audience_pipeline.storage.catalog import ImportRecord
 
 console = Console()
 err = Console(stderr=True)
 
 
+# Exit codes (README, "Exit codes"); with several files the most severe wins, in the order of SEVERITY.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD, EXIT_RETRY = 0, 1, 2, 3, 75
+SEVERITY = (EXIT_FAILED, EXIT_RETRY, EXIT_HELD, EXIT_OK)
+_STATUS_EXIT = {"succeeded": EXIT_OK, "skipped": EXIT_OK, "dry_run": EXIT_OK, "rejected": EXIT_OK,
+                "superseded": EXIT_OK, "failed": EXIT_FAILED, "held": EXIT_HELD, "waiting": EXIT_HELD}
+
+
+def exit_code(record: ImportRecord) -> int:
+    """An import that did not reach a final status (received, abandoned) is work to retry later."""
+    return _STATUS_EXIT.get(record.status, EXIT_RETRY)
+
+
+def most_severe(codes) -> int:
+    codes = set(codes)
+    return next((code for code in SEVERITY if code in codes), EXIT_OK)
+
+
 class CliError(click.ClickException):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
     def show(self, file=None) -> None:
         err.print(f"[red]error:[/red] {self.message}", markup=True, highlight=False)
+
+
+def _finish(codes: list[int], problems: list[str]) -> None:
+    code = most_severe(codes)
+    if code != EXIT_OK:
+        raise CliError("; ".join(problems) or "an import is held or waiting for an operator", exit_code=code)
 
 
 def _workspace(config: str | None) -> Workspace:
@@ -59,7 +87,10 @@ def _table(title: str, cur: duckdb.DuckDBPyConnection) -> Table:
     return table
 
 
-def _outcome_line(record: ImportRecord) -> str:
+def _outcome_line(record: ImportRecord, reason: str | None = None) -> str:
+    if record.status in ("received", "abandoned"):
+        return (f"[red]not finished[/red] ({record.status}) {record.file_name}: "
+                f"{reason or record.error or 'its run ended before the import did'}")
     if record.status in ("held", "waiting", "dry_run"):
         return (f"[yellow]{record.status}[/yellow] {record.file_name}: would qualify {record.qualified}, "
                 f"disqualify {record.disqualified}; {record.error}")
@@ -105,6 +136,8 @@ def init(directory: Path) -> None:
 @config_option
 def import_(files: tuple[Path, ...], feed: str, dry_run: bool, config: str | None) -> None:
     """Import FILES now, as the feed's sensor would (runs show in the Dagster UI)."""
+    from audience_pipeline.runner import RunNotRecorded
+
     workspace = _workspace(config)
     try:
         workspace.feed(feed)
@@ -112,19 +145,27 @@ def import_(files: tuple[Path, ...], feed: str, dry_run: bool, config: str | Non
         raise CliError(str(exc)) from None
     files = tuple(p.resolve() for p in files)
     runner = _runner(workspace)
-    failures = []
+    codes, problems = [], []
     for path in files:
         started = time.monotonic()
         with console.status(f"importing {path} ...", spinner="dots"):
             try:
                 record = runner.import_file(feed, path, dry_run=dry_run)
-            except (FileNotFoundError, RuntimeError) as exc:
-                raise CliError(str(exc)) from None
-        console.print(f"import {record.import_id}: {_outcome_line(record)} [{time.monotonic() - started:.1f} s]")
-        if record.status == "failed":
-            failures.append(record)
-    if failures:
-        raise CliError("; ".join(f"{r.file_name}: {r.error}" for r in failures))
+            except FileNotFoundError as exc:
+                codes.append(EXIT_FAILED)
+                problems.append(str(exc))
+                continue
+            except RunNotRecorded as exc:
+                codes.append(EXIT_RETRY if exc.retry_later else EXIT_FAILED)
+                problems.append(f"{path.name}: {exc}")
+                continue
+        reason = runner.reasons.get(record.import_id)
+        console.print(f"import {record.import_id}: {_outcome_line(record, reason)} "
+                      f"[{time.monotonic() - started:.1f} s]")
+        codes.append(exit_code(record))
+        if codes[-1] in (EXIT_FAILED, EXIT_RETRY):
+            problems.append(f"import {record.import_id} ({record.file_name}): {reason or record.error}")
+    _finish(codes, problems)
 
 
 @main.command()
@@ -132,31 +173,42 @@ def import_(files: tuple[Path, ...], feed: str, dry_run: bool, config: str | Non
 @config_option
 def poll(feed: str | None, config: str | None) -> None:
     """Evaluate the feeds' sensors once and run the imports they ask for (for cron users)."""
+    from audience_pipeline.sources import SourceError, SourceRefused
+
     workspace = _workspace(config)
     feeds = [feed] if feed else sorted(workspace.config.feeds)
     runner = _runner(workspace)
-    failed = []
+    codes, problems = [], []
     for name in feeds:
         try:
             workspace.feed(name)
         except ConfigError as exc:
             raise CliError(str(exc)) from None
         with console.status(f"polling {name} ...", spinner="dots"):
-            records = runner.poll(name)
+            try:
+                records = runner.poll(name)
+            except SourceRefused as exc:
+                codes.append(EXIT_FAILED)
+                problems.append(f"{name}: the source refuses us: {exc}")
+                continue
+            except (SourceError, CatalogBusy) as exc:
+                codes.append(EXIT_RETRY)
+                problems.append(f"{name}: cannot read the source now: {exc}")
+                continue
         for problem in runner.unrecorded:
-            err.print(f"{name}: {problem}")
-        if runner.unrecorded:
-            failed.extend(runner.unrecorded)
-            runner.unrecorded.clear()
+            err.print(f"{name}: {problem}", markup=False, highlight=False)
+            codes.append(EXIT_RETRY if problem.retry_later else EXIT_FAILED)
+            problems.append(f"{name}: {problem}")
+        runner.unrecorded.clear()
         if not records:
             console.print(f"{name}: no new files")
         for record in records:
-            console.print(f"{name}: import {record.import_id}: {_outcome_line(record)}")
-            if record.status == "failed":
-                failed.append(record)
-    if failed:
-        raise CliError(f"{len(failed)} import(s) failed: " + "; ".join(
-            r if isinstance(r, str) else f"{r.file_name}: {r.error}" for r in failed))
+            reason = runner.reasons.get(record.import_id)
+            console.print(f"{name}: import {record.import_id}: {_outcome_line(record, reason)}")
+            codes.append(exit_code(record))
+            if codes[-1] in (EXIT_FAILED, EXIT_RETRY):
+                problems.append(f"{name}: import {record.import_id} ({record.file_name}): {reason or record.error}")
+    _finish(codes, problems)
 
 
 @main.command()
@@ -287,12 +339,19 @@ def forget_user(user_id: str, config: str | None) -> None:
 @config_option
 def approve(import_id: int, config: str | None) -> None:
     """Apply held import IMPORT_ID now (and the imports queued behind it)."""
+    from audience_pipeline.importer import ImportFailed
+
     runner = _runner(_workspace(config))
     try:
         record = runner.service.approve(import_id)
     except (ValueError, KeyError) as exc:
         raise CliError(str(exc).strip("'")) from None
+    except CatalogBusy as exc:
+        raise CliError(str(exc), exit_code=EXIT_RETRY) from None
+    except ImportFailed as exc:
+        record = exc.record
     console.print(f"import {record.import_id}: {_outcome_line(record)}")
+    _finish([exit_code(record)], [f"import {record.import_id}: {record.error}"])
 
 
 @main.command()
@@ -313,14 +372,18 @@ def reject(import_id: int, config: str | None) -> None:
 @config_option
 def reimport(import_id: int, config: str | None) -> None:
     """Apply the list of earlier import IMPORT_ID again (a rollback), as a new import through the gate."""
+    from audience_pipeline.runner import RunNotRecorded
+
     runner = _runner(_workspace(config))
     try:
         record = runner.reimport(import_id)
     except (ValueError, KeyError) as exc:
         raise CliError(str(exc).strip("'")) from None
-    console.print(f"import {record.import_id}: {_outcome_line(record)}")
-    if record.status == "failed":
-        raise CliError(f"{record.file_name}: {record.error}")
+    except RunNotRecorded as exc:
+        raise CliError(str(exc), exit_code=EXIT_RETRY if exc.retry_later else EXIT_FAILED) from None
+    reason = runner.reasons.get(record.import_id)
+    console.print(f"import {record.import_id}: {_outcome_line(record, reason)}")
+    _finish([exit_code(record)], [f"import {record.import_id} ({record.file_name}): {reason or record.error}"])
 
 
 @main.command()

@@ -51,8 +51,9 @@ class StorageConfig(_Strict):
     partition_retention_days: float = Field(default=30.0, gt=0)
     # How long a run waits for another run's hold on the catalog file, or on an audience it is committing.
     lock_timeout_seconds: float = Field(default=300.0, gt=0)
-    # How long an audience's commit lock outlives a run that died while committing it.
-    lock_lease_seconds: float = Field(default=900.0, gt=0)
+    # With a PostgreSQL catalog, how soon a node that stopped answering stops holding its imports and
+    # audiences (its session ends). A process that dies frees them at once on either catalog.
+    liveness_timeout_seconds: float = Field(default=60.0, gt=0)
     # DuckDB memory cap for the set operations of one import; DuckDB spills to disk beyond it.
     memory_limit: str = "1GB"
     # With lake: s3://bucket/prefix, runs work on a local cache of the files they need, cleaned after each
@@ -62,6 +63,16 @@ class StorageConfig(_Strict):
     s3: S3Options = S3Options()
     server_side_encryption: Literal["AES256", "aws:kms"] = "AES256"
     kms_key_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lease(cls, data):
+        if isinstance(data, dict) and "lock_lease_seconds" in data:
+            raise ValueError(
+                "lock_lease_seconds is gone: an import's locks now live as long as the process that holds "
+                "them (a crash frees them at once). Remove it; storage.liveness_timeout_seconds (default 60) "
+                "sets how soon a lost node of a PostgreSQL deployment lets go")
+        return data
 
     @field_validator("catalog")
     @classmethod

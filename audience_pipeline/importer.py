@@ -78,7 +78,8 @@ class ImportService:
             remote = RemoteStore(s3_client(storage.s3)(), storage.lake, storage.server_side_encryption,
                                  storage.kms_key_id)
         self.lake = Lake(workspace.lake, remote)
-        self.catalog = Catalog(workspace.catalog, self.lake, storage.lock_timeout_seconds, storage.lock_lease_seconds)
+        self.catalog = Catalog(workspace.catalog, self.lake, storage.lock_timeout_seconds,
+                               storage.liveness_timeout_seconds)
         users = workspace.config.users
         self.users = UsersRegistry(workspace.users_path, users.user_id_column) if workspace.users_path else None
         self.lake.ensure()
@@ -87,11 +88,17 @@ class ImportService:
     # -- step 1: raw file ---------------------------------------------------------------------------
     def receive(self, partition_key: str, delivery: str, source_uri: str, run_id: str | None,
                 file_name: str | None = None) -> ImportRecord:
-        """Copy the delivered object into the content-addressed raw archive and open its import."""
+        """Copy the delivered object into the content-addressed raw archive and open its import. An import
+        of this delivery that another run left unfinished (it died) is taken over."""
+        self.catalog.hold(partition_key, delivery)
         existing = self.catalog.find_import(partition_key, delivery)
-        if existing is not None and (existing.finished or existing.sha256 is None
-                                     or self.lake.fetch(self.lake.raw_path(existing.sha256))):
-            return existing
+        if existing is not None:
+            existing = self.catalog.take_over(existing, run_id)
+            if existing.finished:
+                self.catalog.let_go(partition_key, delivery)
+                return existing
+            if existing.sha256 is None or self.lake.fetch(self.lake.raw_path(existing.sha256)):
+                return existing
         # new, or a crashed attempt that opened the import but did not archive the file: fetch it again
         feed_name, _, digest = parse_partition_key(partition_key)
         feed = self.workspace.feed(feed_name)

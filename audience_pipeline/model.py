@@ -33,12 +33,14 @@ class ImportStatus(StrEnum):
     REJECTED = "rejected"
     SUPERSEDED = "superseded"
     DRY_RUN = "dry_run"
+    # the process working on it died (storage.liveness); a run of the same delivery takes it over
+    ABANDONED = "abandoned"
 
 
 # A run ends when its import reaches one of these; held and waiting imports move on by approval.
-TERMINAL_STATUSES = tuple(s for s in ImportStatus if s != ImportStatus.RECEIVED)
+TERMINAL_STATUSES = tuple(s for s in ImportStatus if s not in (ImportStatus.RECEIVED, ImportStatus.ABANDONED))
 # Imports whose files retention must keep: they may still be applied.
-PENDING_STATUSES = (ImportStatus.RECEIVED, ImportStatus.HELD, ImportStatus.WAITING)
+PENDING_STATUSES = (ImportStatus.RECEIVED, ImportStatus.HELD, ImportStatus.WAITING, ImportStatus.ABANDONED)
 
 # Reasons a row is rejected; they appear verbatim in the rejected_rows view.
 REJECT_BLANK = "blank_line"

@@ -11,7 +11,8 @@ TAG_SOURCE_URI = "audience_pipeline/source_uri"
 TAG_FILE_NAME = "audience_pipeline/file_name"  # when the source object is not named as the file (reimport)
 TAG_DRY_RUN = "audience_pipeline/dry_run"
 TAG_FEED = "audience_pipeline/feed"
-TAG_ATTEMPT = "audience_pipeline/attempt"  # a sensor's retry of a delivery whose run failed unrecorded
+TAG_ATTEMPT = "audience_pipeline/attempt"  # a sensor's retry of a delivery whose run failed or was abandoned
+TAG_ORIGIN = "audience_pipeline/origin"  # "cli" for runs of `audience-pipeline import` and `reimport`
 
 
 def _delivery(context: dg.AssetExecutionContext) -> str | None:

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import duckdb
 
+from audience_pipeline.storage.liveness import AdvisoryLiveness, FileLiveness
+
 
 class CatalogBusy(RuntimeError):
     """Another process held the catalog (or an audience) for longer than the configured lock timeout."""
@@ -43,6 +45,10 @@ class DuckDBBackend:
 
     def describe(self) -> str:
         return str(self.path)
+
+    def liveness(self, timeout_seconds: float) -> FileLiveness:
+        """Holders' lock files beside the catalog file (every process sharing it is on this machine)."""
+        return FileLiveness(self.path.with_name(self.path.name + ".holders"))
 
     @contextmanager
     def session(self, schema: str) -> Iterator[Session]:
@@ -110,6 +116,9 @@ class PostgresBackend:
         host = parts.netloc.rsplit("@", 1)[-1]
         user = parts.username + "@" if parts.username else ""
         return urlunsplit((parts.scheme, user + host, parts.path, "", ""))
+
+    def liveness(self, timeout_seconds: float) -> AdvisoryLiveness:
+        return AdvisoryLiveness(self.url, timeout_seconds)
 
     @contextmanager
     def session(self, schema: str) -> Iterator[Session]:

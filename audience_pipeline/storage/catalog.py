@@ -22,11 +22,12 @@ import duckdb
 import pyarrow as pa
 
 from audience_pipeline import faults
-from audience_pipeline.model import TERMINAL_STATUSES
+from audience_pipeline.model import TERMINAL_STATUSES, ImportStatus
 from audience_pipeline.sql import quote_identifier, quote_literal
 from audience_pipeline.storage import statements as sql
 from audience_pipeline.storage.backends import CatalogBusy, Session, backend_for
 from audience_pipeline.storage.lake import Lake
+from audience_pipeline.storage.liveness import Holds, describe_holder, holder_key
 
 SNAPSHOT_GRACE_SECONDS = 600
 
@@ -63,6 +64,8 @@ class ImportRecord:
     run_id: str | None
     received_at: datetime
     finished_at: datetime | None
+    holder: str | None = None  # the process working on it: run, pid and host (storage.liveness)
+    alive_at: datetime | None = None  # its last sign of life: the last step it recorded
 
     @property
     def finished(self) -> bool:
@@ -109,13 +112,13 @@ class Outcome:
 
 class Catalog:
     def __init__(self, location: str | Path, lake: Lake, lock_timeout: float = 300.0,
-                 lock_lease: float = 900.0):
-        """``location``: a DuckDB file path or a ``postgresql://`` URL. ``lock_lease``: how long an audience
-        lock outlives a holder that crashed mid-commit."""
+                 liveness_timeout: float = 60.0):
+        """``location``: a DuckDB file path or a ``postgresql://`` URL. ``liveness_timeout``: how soon the
+        PostgreSQL server ends the session (and the holds) of a node that stopped answering."""
         self.backend = backend_for(location, lock_timeout)
         self.lake = lake
         self.lock_timeout = lock_timeout
-        self.lock_lease = lock_lease
+        self.liveness = self.backend.liveness(liveness_timeout)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -173,27 +176,109 @@ class Catalog:
         run_id: str | None,
         received_at: datetime,
     ) -> ImportRecord:
-        """The import of this delivery, created on first sight (get-or-create, so re-runs converge)."""
+        """The import of this delivery, created on first sight (get-or-create, so re-runs converge), held by
+        this process until it ends; an unfinished one (abandoned, or its holder dead) is taken over."""
+        self.hold(partition_key, delivery)
         with self.transaction() as con:
             existing = self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
-            if existing is not None:
-                return existing
-            con.execute(
-                sql.INSERT_IMPORT,
-                [partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes, semantics, run_id,
-                 received_at],
-            )
-            # another node may have opened it in between: either way, this is the delivery's import
-            return self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
+            if existing is None:
+                con.execute(
+                    sql.INSERT_IMPORT,
+                    [partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes, semantics, run_id,
+                     received_at, describe_holder(run_id), _now(con)],
+                )
+                # another node may have opened it in between: either way, this is the delivery's import
+                return self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
+        return self.take_over(existing, run_id)
+
+    # -- liveness of the processes working on imports ----------------------------------------------------
+    def _hold_key(self, partition_key: str, delivery: str) -> tuple[str, int]:
+        return self.backend.describe(), holder_key(partition_key, delivery)
+
+    def hold(self, partition_key: str, delivery: str) -> None:
+        """Make this process the holder of the delivery's import, waiting (up to the lock timeout) while a
+        live process holds it. Kept until the import leaves ``received`` or :meth:`let_go`."""
+        scoped = self._hold_key(partition_key, delivery)
+        if Holds.has(scoped):
+            return
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        while (hold := self.liveness.try_hold(scoped[1])) is None:
+            if time.monotonic() > deadline:
+                record = self.find_import(partition_key, delivery)
+                who = f" by {record.holder} (import {record.import_id}, last sign of life " \
+                      f"{_iso(record.alive_at)})" if record else ""
+                raise CatalogBusy(f"delivery {delivery} of {partition_key} is being imported{who} "
+                                  f"(waited {self.lock_timeout:.0f} s)")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+        Holds.add(scoped, hold)
+
+    def let_go(self, partition_key: str, delivery: str) -> None:
+        """This process stops working on the delivery's import (done, or its run ended unfinished)."""
+        Holds.release(self._hold_key(partition_key, delivery))
+
+    def holder_alive(self, partition_key: str, delivery: str) -> bool:
+        scoped = self._hold_key(partition_key, delivery)
+        return Holds.has(scoped) or self.liveness.alive(scoped[1])
+
+    def take_over(self, record: ImportRecord, run_id: str | None) -> ImportRecord:
+        """Make an unfinished import this process's (it must hold the delivery): an abandoned import goes
+        back to ``received``. A finished one is returned as it is."""
+        if record.finished:
+            return record
+        self.hold(record.partition_key, record.delivery)
+        with self.transaction() as con:
+            con.execute(sql.TAKE_OVER, [run_id, describe_holder(run_id), _now(con), record.import_id])
+        with self.session() as con:
+            if record.status == ImportStatus.ABANDONED:
+                self.export_snapshot(con)
+            return self._record(con.execute(sql.GET_IMPORT, [record.import_id]))
+
+    def _dead(self, row: tuple, found_by: str) -> bool:
+        """Whether the holder of an import in progress (row: import_id, partition_key, delivery, holder,
+        alive_at, ...) is dead; a dead one's import is marked ``abandoned`` with the reason."""
+        import_id, partition_key, delivery, holder, alive_at = row[:5]
+        if self.holder_alive(partition_key, delivery):
+            return False
+        reason = (f"abandoned: its holder ({holder or 'unknown'}) died; last sign of life {_iso(alive_at)}; "
+                  f"found dead by {found_by}. A run of the same delivery takes it over")
+        with self.transaction() as con:
+            marked = con.execute(sql.MARK_ABANDONED + " RETURNING import_id",
+                                 [reason, _now(con), import_id, holder]).fetchall()
+        if marked:
+            with self.session() as con:
+                self.export_snapshot(con)
+        return True
+
+    def abandon_dead(self, feed: str, found_by: str) -> list[ImportRecord]:
+        """Mark every import of the feed whose holder died ``abandoned`` (the sensor's sweep)."""
+        with self.session() as con:
+            rows = con.execute(sql.IN_PROGRESS_OF_FEED, [feed]).fetchall()
+        dead = [row[0] for row in rows if self._dead(row, found_by)]
+        return [self.get_import(import_id) for import_id in dead]
+
+    def abandoned_imports(self, feed: str) -> list[ImportRecord]:
+        with self.session() as con:
+            cur = con.execute(sql.ABANDONED_OF_FEED, [feed])
+            names = [d[0] for d in cur.description]
+            return [ImportRecord(**dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+
+    def _published(self, import_id: int) -> ImportRecord:
+        """Export the snapshot after a status change; an import that left ``received`` is let go."""
+        with self.session() as con:
+            self.export_snapshot(con)
+            record = self._record(con.execute(sql.GET_IMPORT, [import_id]))
+        if record.status != ImportStatus.RECEIVED:
+            self.let_go(record.partition_key, record.delivery)
+        return record
 
     def finish_import(self, import_id: int, status: str, outcome: Outcome, error: str | None = None,
                       at: datetime | None = None) -> ImportRecord:
         """Close an import that changes no audience (failed or skipped) and publish it."""
         with self.transaction() as con:
             self._finish(con, import_id, status, outcome, error, at or _now(con))
-        with self.session() as con:
-            self.export_snapshot(con)
-            return self._record(con.execute(sql.GET_IMPORT, [import_id]))
+        return self._published(import_id)
 
     @staticmethod
     def _finish(con, import_id: int, status: str, outcome: Outcome, error: str | None, at: datetime) -> None:
@@ -259,9 +344,7 @@ class Catalog:
             self._finish(con, record.import_id, "skipped",
                          Outcome(users_sha256=users_sha256, qualified=0, disqualified=0, members=members),
                          "content identical to the list currently applied", _now(con))
-        with self.session() as con:
-            self.export_snapshot(con)
-            return self._record(con.execute(sql.GET_IMPORT, [record.import_id]))
+        return self._published(record.import_id)
 
     def commit_versions(
         self,
@@ -282,10 +365,12 @@ class Catalog:
         """
         with self.transaction() as con:
             now = _now(con)
-            renewed = con.execute(sql.RENEW_LOCKS, [now + timedelta(seconds=self.lock_lease), record.import_id,
-                                                    list(expected)]).fetchall()
-            if len(renewed) != len(expected):
-                return False  # a lock expired and another import took the audience: diff again
+            (status,) = con.execute(sql.OWN_STATUS, [record.import_id]).fetchone()
+            if status not in (ImportStatus.RECEIVED, ImportStatus.HELD, ImportStatus.WAITING):
+                return False  # found dead (a lost connection) and abandoned meanwhile: nothing is written
+            owned = con.execute(sql.OWN_LOCKS, [record.import_id, list(expected)]).fetchall()
+            if len(owned) != len(expected):
+                return False  # the locks went with a holder found dead: diff again
             current = self._current(con, list(expected))
             if any((current[a].version if a in current else None) != v for a, v in expected.items()):
                 return False
@@ -311,15 +396,14 @@ class Catalog:
             self._finish(con, record.import_id, "succeeded", outcome, None, now)
             faults.point("commit.in_transaction")
         faults.point("commit.committed")
-        with self.session() as con:
-            self.export_snapshot(con)
+        self._published(record.import_id)
         return True
 
     # -- per-audience commit locks -------------------------------------------------------------------
     def set_audiences(self, import_id: int, names: list[str]) -> None:
         """Name the audiences of an import in progress, so later imports of other audiences need not wait."""
         with self.session() as con:
-            con.execute(sql.SET_AUDIENCES, [sorted(names), import_id])
+            con.execute(sql.SET_AUDIENCES, [sorted(names), _now(con), import_id])
 
     @contextmanager
     def audience_locks(self, record: ImportRecord, audiences: dict[str, int]) -> Iterator[None]:
@@ -327,7 +411,8 @@ class Catalog:
         at once, while imports of other audiences go on in parallel. An import also waits for the earlier
         imports of its feed still in progress on the same audiences (or on audiences not named yet), so
         each audience takes its imports in the order they arrived. Waits (jittered backoff) up to the lock
-        timeout; a holder silent for longer than the lease is taken to have died."""
+        timeout for live holders; an import whose holder died is marked abandoned and waits nobody."""
+        self.hold(record.partition_key, record.delivery)  # an approval works on an import it did not receive
         ids = sorted(set(audiences.values()))
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.05
@@ -347,27 +432,32 @@ class Catalog:
 
     def _earlier_in_progress(self, record: ImportRecord, names: list[str]) -> str | None:
         with self.session() as con:
-            alive_since = _now(con) - timedelta(seconds=self.lock_lease)
-            row = con.execute(sql.EARLIER_IN_PROGRESS,
-                              [record.feed, record.import_id, alive_since, names]).fetchone()
-        if row is None:
-            return None
-        return f"import {record.import_id} waits for earlier import {row[0]} (received {row[1].isoformat()}) of " \
-               f"the same audiences"
+            rows = con.execute(sql.EARLIER_IN_PROGRESS, [record.feed, record.import_id, names]).fetchall()
+        for row in rows:
+            if not self._dead(row, f"import {record.import_id}"):
+                import_id, _, _, holder, alive_at, received_at = row
+                return (f"import {record.import_id} waits for earlier import {import_id} of the same audiences "
+                        f"(received {_iso(received_at)}, held by {holder or 'unknown'}, last sign of life "
+                        f"{_iso(alive_at)})")
+        return None
 
     def _try_lock(self, import_id: int, ids: list[int]) -> str | None:
         """Take every lock or none: why not, or None once they are all this import's."""
         if not ids:
             return None
+        with self.session() as con:
+            seen = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
+        for _, holder_import, acquired_at, *row in seen:
+            if self._dead((holder_import, *row), f"import {import_id}"):
+                with self.session() as con:
+                    con.execute(sql.DROP_DEAD_LOCKS, [holder_import, acquired_at])
         try:
             with self.transaction() as con:
                 now = _now(con)
-                con.execute(sql.DROP_EXPIRED_LOCKS, [ids, now])
                 holders = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
                 if not holders:
-                    expires = now + timedelta(seconds=self.lock_lease)
                     for audience_id in ids:  # in id order, so that two imports never wait on each other
-                        con.execute(sql.TAKE_LOCK, [audience_id, import_id, now, expires])
+                        con.execute(sql.TAKE_LOCK, [audience_id, import_id, now, now])
                     # with PostgreSQL, a concurrent taker may have won a row between the check and the insert
                     holders = con.execute(sql.LOCK_HOLDERS, [ids, import_id]).fetchall()
                     if holders:
@@ -378,8 +468,9 @@ class Catalog:
             return f"import {import_id} lost a race for one of audiences {ids}"
         if not holders:
             return None
-        audience, holder, since = holders[0]
-        return f"audience {audience} has been held by import {holder} since {since.isoformat()}"
+        audience, holder_import, since, _, _, holder, _ = holders[0]
+        return (f"audience {audience} has been held by import {holder_import} ({holder or 'unknown'}) "
+                f"since {_iso(since)}")
 
     def pending_for(self, feed: str, names: list[str], exclude: int) -> list[tuple[int, str]]:
         """Held or waiting imports of the feed that name one of these audiences, oldest first."""
@@ -393,17 +484,13 @@ class Catalog:
                 status, reason, outcome.qualified, outcome.disqualified, outcome.members, list(outcome.audiences),
                 outcome.rows_total, outcome.rows_valid, outcome.rows_rejected, outcome.duplicates,
                 outcome.unmatched, outcome.users_sha256, _now(con), import_id])
-        with self.session() as con:
-            self.export_snapshot(con)
-            return self._record(con.execute(sql.GET_IMPORT, [import_id]))
+        return self._published(import_id)
 
     def set_status(self, import_id: int, status: str, reason: str) -> ImportRecord:
         """Move a held or waiting import to a final status without applying it (rejected, superseded)."""
         with self.transaction() as con:
             con.execute(sql.SET_STATUS, [status, reason, _now(con), import_id])
-        with self.session() as con:
-            self.export_snapshot(con)
-            return self._record(con.execute(sql.GET_IMPORT, [import_id]))
+        return self._published(import_id)
 
     def memberships_of(self, user_id: str) -> list[tuple[str, str, int]]:
         """(feed, audience name, audience_id) of every current list that holds the user."""
@@ -538,6 +625,10 @@ class _LostRace(Exception):
     def __init__(self, holders: list[tuple]):
         super().__init__("another import took an audience lock first")
         self.holders = holders
+
+
+def _iso(at: datetime | None) -> str:
+    return at.isoformat() if at is not None else "none recorded"
 
 
 def _now(con: Session) -> datetime:

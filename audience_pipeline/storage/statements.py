@@ -69,7 +69,11 @@ CREATE TABLE IF NOT EXISTS notifications (key VARCHAR PRIMARY KEY, sent_at TIMES
 CREATE TABLE IF NOT EXISTS erasures (
     erased_at TIMESTAMPTZ NOT NULL, user_sha256 VARCHAR NOT NULL, imports BIGINT[], files_rewritten BIGINT
 );
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS holder VARCHAR;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS alive_at TIMESTAMPTZ;
 """
+# The two ALTERs are the migration of catalogs made before liveness (0.1.0); a new catalog gets its columns
+# the same way, so that old and new catalogs have the same column order.
 
 GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
 SET_CURSOR = "INSERT INTO poll_cursors VALUES (?, ?) ON CONFLICT (feed) DO UPDATE SET cursor = excluded.cursor"
@@ -80,11 +84,28 @@ GET_IMPORT = "SELECT * FROM imports WHERE import_id = ?"
 
 INSERT_IMPORT = """
 INSERT INTO imports (import_id, partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes,
-                     semantics, status, run_id, received_at)
-VALUES (nextval('import_ids'), ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)
+                     semantics, status, run_id, received_at, holder, alive_at)
+VALUES (nextval('import_ids'), ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)
 ON CONFLICT (partition_key, delivery) DO NOTHING
 RETURNING import_id
 """
+
+# A run of the delivery takes over its import: an abandoned one, or one whose holder it found dead.
+TAKE_OVER = """
+UPDATE imports SET status = 'received', error = NULL, finished_at = NULL, run_id = ?, holder = ?, alive_at = ?
+WHERE import_id = ? AND status IN ('received', 'abandoned')
+"""
+# Only while it still has the holder that was found dead: a run that took it over in between keeps it.
+MARK_ABANDONED = """
+UPDATE imports SET status = 'abandoned', error = ?, finished_at = ?
+WHERE import_id = ? AND status = 'received' AND holder IS NOT DISTINCT FROM ?
+"""
+IN_PROGRESS_OF_FEED = """
+SELECT import_id, partition_key, delivery, holder, alive_at, received_at FROM imports
+WHERE feed = ? AND status = 'received' ORDER BY import_id
+"""
+ABANDONED_OF_FEED = "SELECT * FROM imports WHERE feed = ? AND status = 'abandoned' ORDER BY import_id"
+OWN_STATUS = "SELECT status FROM imports WHERE import_id = ?"
 
 FINISH_IMPORT = """
 UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
@@ -145,18 +166,19 @@ FROM imports WHERE status <> 'received'
 RAW_EXPIRED = """
 SELECT sha256 FROM imports WHERE sha256 IS NOT NULL
 GROUP BY sha256
-HAVING bool_and(status NOT IN ('received', 'held', 'waiting')) AND max(coalesce(finished_at, received_at)) < ?
+HAVING bool_and(status NOT IN ('received', 'held', 'waiting', 'abandoned'))
+   AND max(coalesce(finished_at, received_at)) < ?
    AND sha256 NOT IN (SELECT sha256 FROM audience_versions WHERE valid_to IS NULL)
 """
 VALIDATED_EXPIRED = """
 SELECT import_id FROM imports
-WHERE status NOT IN ('received', 'held', 'waiting') AND finished_at < ?
+WHERE status NOT IN ('received', 'held', 'waiting', 'abandoned') AND finished_at < ?
   AND import_id NOT IN (SELECT import_id FROM audience_versions WHERE valid_to IS NULL)
 """
 PARTITIONS_EXPIRED = """
 SELECT partition_key FROM imports
 GROUP BY partition_key
-HAVING bool_and(status NOT IN ('received', 'held', 'waiting'))
+HAVING bool_and(status NOT IN ('received', 'held', 'waiting', 'abandoned'))
    AND max(coalesce(finished_at, received_at)) < ?
    AND partition_key NOT IN (SELECT i.partition_key FROM audience_versions v JOIN imports i USING (import_id)
                              WHERE v.valid_to IS NULL)
@@ -202,32 +224,35 @@ LAST_DELIVERY = "SELECT max(received_at) FROM imports WHERE feed = ? AND source_
 
 RECORD_ERASURE = "INSERT INTO erasures VALUES (now(), ?, CAST(? AS BIGINT[]), ?)"
 
-# Per-audience commit locks: a row per audience being committed, with a lease so that a crashed holder
-# cannot block an audience for ever. A re-run of the same import takes its own locks back.
-DROP_EXPIRED_LOCKS = "DELETE FROM audience_locks WHERE audience_id = ANY(CAST(? AS BIGINT[])) AND expires_at < ?"
+# Per-audience commit locks: a row per audience being committed, owned by an import. A lock is as alive as
+# the holder of its import (storage.liveness): a dead holder's rows are deleted by the next import that
+# finds them. expires_at is unused since liveness replaced leases; it stays for catalogs made before.
 LOCK_HOLDERS = """
-SELECT audience_id, import_id, acquired_at FROM audience_locks
-WHERE audience_id = ANY(CAST(? AS BIGINT[])) AND import_id <> ?
-ORDER BY audience_id
+SELECT l.audience_id, l.import_id, l.acquired_at, i.partition_key, i.delivery, i.holder, i.alive_at
+FROM audience_locks l JOIN imports i ON i.import_id = l.import_id
+WHERE l.audience_id = ANY(CAST(? AS BIGINT[])) AND l.import_id <> ?
+ORDER BY l.audience_id
 """
+# A re-run of the same import takes its own locks back.
 TAKE_LOCK = """
 INSERT INTO audience_locks VALUES (?, ?, ?, ?)
-ON CONFLICT (audience_id) DO UPDATE SET expires_at = excluded.expires_at
+ON CONFLICT (audience_id) DO UPDATE SET acquired_at = excluded.acquired_at
 WHERE audience_locks.import_id = excluded.import_id
 """
-# Inside a commit: renew the import's locks and return them, proving they were not lost to an expiry.
-RENEW_LOCKS = """
-UPDATE audience_locks SET expires_at = ?
-WHERE import_id = ? AND audience_id = ANY(CAST(? AS BIGINT[]))
-RETURNING audience_id
+# Inside a commit: the import's locks, proving none was taken over after its holder was found dead.
+OWN_LOCKS = """
+SELECT audience_id FROM audience_locks WHERE import_id = ? AND audience_id = ANY(CAST(? AS BIGINT[]))
 """
 RELEASE_LOCKS = "DELETE FROM audience_locks WHERE import_id = ?"
-# The oldest earlier import of the feed, still in progress (not older than the lease), that names one of these
-# audiences or has not named its audiences yet: commits of an audience follow the order imports arrived in.
+DROP_DEAD_LOCKS = "DELETE FROM audience_locks WHERE import_id = ? AND acquired_at <= ?"
+# Earlier imports of the feed still in progress that name one of these audiences or have not named their
+# audiences yet, oldest first: commits of an audience follow the order imports arrived in.
 EARLIER_IN_PROGRESS = """
-SELECT import_id, received_at FROM imports
-WHERE feed = ? AND import_id < ? AND status = 'received' AND received_at > ?
+SELECT import_id, partition_key, delivery, holder, alive_at, received_at FROM imports
+WHERE feed = ? AND import_id < ? AND status = 'received'
   AND (audiences IS NULL OR audiences && CAST(? AS VARCHAR[]))
-ORDER BY import_id LIMIT 1
+ORDER BY import_id
 """
-SET_AUDIENCES = "UPDATE imports SET audiences = CAST(? AS VARCHAR[]) WHERE import_id = ? AND status = 'received'"
+SET_AUDIENCES = """
+UPDATE imports SET audiences = CAST(? AS VARCHAR[]), alive_at = ? WHERE import_id = ? AND status = 'received'
+"""
