@@ -185,7 +185,8 @@ class ImportService:
                 attempt += 1
                 if attempt >= feed.download_attempts:
                     staged.unlink(missing_ok=True)
-                    raise SourceError(f"{exc}; gave up after {attempt} attempts (a later poll tries again)") from None
+                    raise SourceTransient(f"{exc}; gave up after {attempt} attempts (a later poll tries again)") \
+                        from None
                 out.seek(start)
                 out.truncate()
                 time.sleep(feed.retry_backoff_seconds * 2 ** (attempt - 1))

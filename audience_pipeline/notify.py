@@ -96,6 +96,26 @@ class Notifier:
             f"location ({self.workspace.source_location(feed)}).",
         )
 
+    def source_refused(self, feed: str, reason: str) -> bool:
+        """Alert once per incident when the feed's drop location refuses us (host key, login, credentials):
+        polls of it fail until someone acts. The incident lasts until a poll reads the source again."""
+        return self.send(
+            self._refused_key(feed), feed,
+            f"[audience_pipeline] {feed}: the drop location refuses access",
+            f"Feed {feed} cannot read its drop location ({self.workspace.source_location(feed)}):\n{reason}\n"
+            "No file of this feed is imported until this is fixed; retrying will not help. Every poll fails "
+            "until then (see the feed's sensor in the Dagster UI); no further e-mail is sent for this incident.",
+        )
+
+    def source_readable(self, feed: str) -> None:
+        """The feed's drop location was read: a later refusal is a new incident, and is e-mailed again."""
+        if self.recipients(feed) and self.config.smtp is not None:  # else nothing was claimed: spare the write
+            self.catalog.release_notification(self._refused_key(feed))
+
+    @staticmethod
+    def _refused_key(feed: str) -> str:
+        return f"source-refused:{feed}"
+
     def run_failure(self, feed: str, run_id: str, partition_key: str | None, reason: str) -> bool:
         """A run that failed without recording its import's outcome (a crash, an error in our code)."""
         return self.send(

@@ -10,7 +10,7 @@ from audience_pipeline.config import FeedConfig
 from audience_pipeline.cursor import Cursor, plan_tick
 from audience_pipeline.formats import get_format
 from audience_pipeline.keys import partition_key
-from audience_pipeline.sources import DropSource, SourceError
+from audience_pipeline.sources import DropSource, SourceError, SourceRefused, SourceTransient
 
 # A listing with less than this share of the previous one's objects is reported as an anomaly (narrowed
 # permissions, a prefix typo, a bucket lifecycle rule); the audiences stay as they are either way.
@@ -66,6 +66,8 @@ def poll_feed(feed_name: str, feed: FeedConfig, source: DropSource, cursor: Curs
     for obj in plan.new:
         try:
             digest, seen = source.fingerprint(obj.key)
+        except (SourceRefused, SourceTransient):
+            raise  # the object may well be there: passing over it would move the cursor past it unread
         except SourceError:
             vanished.append(obj.key)
             continue

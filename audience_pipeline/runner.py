@@ -12,28 +12,45 @@ import dagster as dg
 
 from audience_pipeline.config import Workspace
 from audience_pipeline.defs import build_definitions
-from audience_pipeline.defs.assets import TAG_DELIVERY, TAG_DRY_RUN, TAG_FILE_NAME, TAG_SOURCE_URI, audience_files
+from audience_pipeline.defs.assets import (
+    TAG_DELIVERY,
+    TAG_DRY_RUN,
+    TAG_FEED,
+    TAG_FILE_NAME,
+    TAG_ORIGIN,
+    TAG_SOURCE_URI,
+    audience_files,
+)
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.hashing import sha256_file
-from audience_pipeline.keys import partition_key
+from audience_pipeline.keys import parse_partition_key, partition_key
 from audience_pipeline.storage.catalog import ImportRecord
 from audience_pipeline.workspace_setup import prepare
 
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
-def _failure_reason(result) -> str:
+# Errors a later attempt may not meet: a busy audience or catalog, a source that did not answer.
+RETRY_LATER_ERRORS = ("CatalogBusy", "SourceTransient")
+
+
+def _failure(result) -> tuple[str, str | None]:
+    """The root cause of a failed run: its message and the class of the error."""
     for event in reversed(result.all_events):
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             error = event.step_failure_data.error
             while error.cause is not None:
                 error = error.cause
-            return error.message.strip()
-    return "see the run in the Dagster UI"
+            return error.message.strip(), error.cls_name
+    return "see the run in the Dagster UI", None
 
 
 class RunNotRecorded(RuntimeError):
-    """The run failed before its import existed (the source could not be read)."""
+    """The run failed before its import existed (the source could not be read, or the delivery was busy)."""
+
+    def __init__(self, message: str, retry_later: bool):
+        super().__init__(message)
+        self.retry_later = retry_later
 
 
 def instance_for(workspace: Workspace) -> dg.DagsterInstance:
@@ -64,7 +81,8 @@ class Runner:
     quiet: bool = True
 
     def __post_init__(self) -> None:
-        self.unrecorded: list[str] = []
+        self.unrecorded: list[RunNotRecorded] = []
+        self.reasons: dict[int, str] = {}  # why a run ended with its import unfinished
         self.defs = build_definitions(self.workspace)
         self.resource = AudienceWorkspace(config_path=str(self.workspace.path))
         self.service = self.resource.service()
@@ -73,17 +91,27 @@ class Runner:
     def run(self, pkey: str, delivery: str, source_uri: str, extra_tags: dict | None = None) -> ImportRecord:
         self.instance.add_dynamic_partitions(audience_files.name, [pkey])
         job = self.defs.resolve_job_def("audience_import_job")
-        result = job.execute_in_process(
-            partition_key=pkey,
-            instance=self.instance,
-            tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: source_uri, **(extra_tags or {})},
-            run_config=QUIET_RUN_CONFIG if self.quiet else None,
-            raise_on_error=False,
-        )
-        record = self.service.catalog.find_import(pkey, delivery)
+        catalog = self.service.catalog
+        try:
+            result = job.execute_in_process(
+                partition_key=pkey,
+                instance=self.instance,
+                tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: source_uri, TAG_FEED: parse_partition_key(pkey)[0],
+                      **(extra_tags or {})},
+                run_config=QUIET_RUN_CONFIG if self.quiet else None,
+                raise_on_error=False,
+            )
+        finally:
+            # the run is over: an import it left unfinished has no live holder now, and is abandoned
+            catalog.let_go(pkey, delivery)
+        record = catalog.find_import(pkey, delivery)
         if record is None:
-            raise RunNotRecorded(f"the run for {pkey} failed before its import was recorded: "
-                                 f"{_failure_reason(result)}")
+            reason, error_class = _failure(result)
+            raise RunNotRecorded(f"the run for {pkey} failed before its import was recorded: {reason}",
+                                 retry_later=error_class in RETRY_LATER_ERRORS)
+        if not record.finished:
+            reason = _failure(result)[0] if not result.success else "the run ended before the import did"
+            self.reasons[record.import_id] = f"run {result.run_id}: {reason}"
         return record
 
     def import_file(self, feed: str, path: Path, dry_run: bool = False) -> ImportRecord:
@@ -93,7 +121,7 @@ class Runner:
             raise FileNotFoundError(f"{path}: no such file")
         pkey = partition_key(feed, path.name, sha256_file(path))
         return self.run(pkey, f"cli:{uuid.uuid4().hex}", path.resolve().as_uri(),
-                        {TAG_DRY_RUN: "true"} if dry_run else None)
+                        {TAG_ORIGIN: "cli", **({TAG_DRY_RUN: "true"} if dry_run else {})})
 
     def reimport(self, import_id: int) -> ImportRecord:
         """Apply the list of an earlier import again (a rollback), as a new import that passes the gate."""
@@ -104,7 +132,7 @@ class Runner:
         if not self.service.lake.fetch(raw):
             raise ValueError(f"the raw file of import {import_id} is no longer archived (retention)")
         return self.run(earlier.partition_key, f"reimport:{import_id}:{uuid.uuid4().hex}", raw.resolve().as_uri(),
-                        {TAG_FILE_NAME: earlier.file_name})
+                        {TAG_FILE_NAME: earlier.file_name, TAG_ORIGIN: "cli"})
 
     def poll(self, feed: str) -> list[ImportRecord]:
         """One evaluation of the feed's sensor, and the runs it asks for. The cursor is the one this
@@ -122,7 +150,7 @@ class Runner:
                     records.append(self.run(request.partition_key, request.tags[TAG_DELIVERY],
                                             request.tags[TAG_SOURCE_URI], extra))
                 except RunNotRecorded as exc:
-                    self.unrecorded.append(str(exc))  # a later poll asks for it again
+                    self.unrecorded.append(exc)  # a later poll asks for it again
             if result.cursor is not None:
                 self.service.catalog.set_cursor(feed, result.cursor)
         return records

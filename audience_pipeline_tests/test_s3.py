@@ -4,12 +4,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
-import dagster as dg
 import pytest
 
 from audience_pipeline.cursor import Cursor
 from audience_pipeline.polling import poll_feed
 from audience_pipeline.runner import sensor_context
+from audience_pipeline.sources import SourceRefused
 from audience_pipeline_tests.conftest import base_config
 
 BUCKET = "audiences"
@@ -153,9 +153,8 @@ def test_a_large_object_is_streamed(make_env, moto_s3, bucket):
     assert env.query("SELECT count(*) FROM members WHERE audience_name = 'large'")[0][0] == 1_500_000
 
 
-def test_unreachable_bucket_is_a_skip(make_env, moto_s3, bucket):
+def test_a_deleted_bucket_fails_the_tick(make_env, moto_s3, bucket):
     env = make_env(s3_config(moto_s3))
-    env.workspace.config.feeds["repro"]  # noqa: B018
     bucket.delete_bucket(Bucket=BUCKET)
-    result = evaluate(env)
-    assert isinstance(result, dg.SkipReason) and "NoSuchBucket" in result.skip_message
+    with pytest.raises(SourceRefused, match="NoSuchBucket"):
+        evaluate(env)

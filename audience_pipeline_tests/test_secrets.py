@@ -3,8 +3,9 @@
 import logging
 
 import boto3
-import dagster as dg
+import pytest
 
+from audience_pipeline.sources import SourceRefused
 from audience_pipeline_tests.conftest import base_config
 from audience_pipeline_tests.test_notifications import SMTP_PASSWORD, smtp  # noqa: F401 (fixture)
 
@@ -38,11 +39,11 @@ def test_no_secret_leaks_anywhere(make_env, moto_s3, sftp_server, smtp, monkeypa
     sensor = env.runner.defs.resolve_sensor_def("att_badpw_audience_sensor")
     from audience_pipeline.runner import sensor_context
 
-    skip = sensor(sensor_context(env.workspace, env.instance, env.runner.defs, None))
-    assert isinstance(skip, dg.SkipReason) and "Authentication" in skip.skip_message
+    with pytest.raises(SourceRefused, match="Authentication") as refused:
+        sensor(sensor_context(env.workspace, env.instance, env.runner.defs, None))
 
     secrets = [AWS_SECRET, sftp_server.password, SMTP_PASSWORD]
-    texts = [skip.skip_message, caplog.text]
+    texts = [str(refused.value), caplog.text]
     for run in env.instance.get_runs():
         texts.append(str(run.tags))
         texts.extend(str(event) for event in env.instance.all_logs(run.run_id))

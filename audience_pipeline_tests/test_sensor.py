@@ -3,10 +3,11 @@
 import os
 import time
 
-import dagster as dg
+import pytest
 
 from audience_pipeline.cursor import Cursor
 from audience_pipeline.runner import sensor_context
+from audience_pipeline.sources import SourceRefused
 from audience_pipeline_tests.conftest import base_config
 
 
@@ -101,8 +102,8 @@ def test_redelivery_by_daemon_and_poll_applies_once(env):
     assert env.query("SELECT count(*) FROM membership_events")[0][0] == 2
 
 
-def test_missing_drop_folder_is_a_skip_not_a_crash(env):
+def test_missing_drop_folder_fails_the_tick(env):
+    """A skip would read as "no new files": a drop folder that is not there fails the tick and says why."""
     env.drop.rename(env.drop.with_name("gone"))
-    result = evaluate(env)
-    assert isinstance(result, dg.SkipReason)
-    assert "drop folder" in result.skip_message
+    with pytest.raises(SourceRefused, match="drop folder .* does not exist"):
+        evaluate(env)

@@ -6,6 +6,7 @@ import socket
 import threading
 
 import boto3
+import dagster as dg
 import pytest
 
 from audience_pipeline_tests.conftest import base_config
@@ -91,10 +92,36 @@ def test_past_the_attempts_the_run_fails_and_the_next_poll_retries(proxied):
     proxy.cuts_left = 1000
     assert env.runner.poll("repro") == []
     [problem] = env.runner.unrecorded
-    assert "broke off" in problem and "gave up after 3 attempts" in problem
+    assert "broke off" in str(problem) and "gave up after 3 attempts" in str(problem)
+    assert problem.retry_later  # the CLI exits 75: try again later
     assert env.query("SELECT count(*) FROM imports") == [(0,)]  # nothing half-recorded
     env.runner.unrecorded.clear()
     proxy.cuts_left = 0
     [record] = env.runner.poll("repro")  # the cursor moved on, but the failed delivery is asked again
     assert record.status == "succeeded" and record.members == 100_000
     assert env.runner.poll("repro") == []
+
+
+def test_a_retried_dry_run_stays_a_dry_run(make_env, moto_s3):
+    """The sensor's retry carries every tag of the run it retries: a dryrun/ delivery whose first run failed
+    is diffed again, never applied."""
+    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    client.create_bucket(Bucket="flaky")
+    body = "".join(f"user{i:010d}\n" for i in range(100_000)).encode()  # long enough to be cut
+    client.put_object(Bucket="flaky", Key="in/dryrun/trial.csv", Body=body)
+    proxy = CuttingProxy(int(moto_s3.rsplit(":", 1)[1]))
+    try:
+        env = make_env(base_config(source="s3://flaky/in/", download_attempts=1, retry_backoff_seconds=0.1,
+                                   s3={"endpoint_url": f"http://127.0.0.1:{proxy.port}", "region": "us-east-1"}))
+        proxy.cuts_left = 1000
+        assert env.runner.poll("repro") == []
+        [problem] = env.runner.unrecorded
+        env.runner.unrecorded.clear()
+        proxy.cuts_left = 0
+        [record] = env.runner.poll("repro")
+        assert record.status == "dry_run" and record.qualified == 100_000
+        assert env.members("trial") == set()
+        [retry] = env.instance.get_runs(filters=dg.RunsFilter(tags={"audience_pipeline/attempt": "2"}))
+        assert retry.tags["audience_pipeline/dry_run"] == "true"
+    finally:
+        proxy.close()

@@ -10,13 +10,15 @@ from audience_pipeline.defs.assets import (
     TAG_DRY_RUN,
     TAG_FEED,
     TAG_FILE_NAME,
+    TAG_ORIGIN,
     TAG_SOURCE_URI,
     audience_files,
     audience_import_job,
 )
 from audience_pipeline.defs.resources import AudienceWorkspace
+from audience_pipeline.model import ImportStatus
 from audience_pipeline.polling import poll_feed
-from audience_pipeline.sources import SourceError
+from audience_pipeline.sources import SourceError, SourceRefused
 
 
 def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
@@ -40,7 +42,17 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
             finally:
                 source.close()
         except SourceError as exc:
-            return dg.SkipReason(f"drop location not readable: {exc}")
+            # Raised, not skipped: a skip reads as "no new files", and an unreadable source must fail the tick
+            # visibly (and the CLI's exit status). Only a refusal needs a person, so only it is e-mailed.
+            if isinstance(exc, SourceRefused):
+                try:
+                    audience_workspace.service().notifier.source_refused(feed_name, str(exc))
+                except Exception as notify_exc:
+                    # a catalog or mail fault must not replace the reason the tick fails with
+                    context.log.warning(f"could not e-mail the admins of {feed_name}: {notify_exc}")
+            raise
+        else:
+            audience_workspace.service().notifier.source_readable(feed_name)
         if result.anomaly:
             context.log.warning(result.anomaly)
         for key in result.ignored:
@@ -80,31 +92,42 @@ RETRY_WINDOW_SECONDS = 86400
 def _retry_requests(context: dg.SensorEvaluationContext, feed_name: str,
                     audience_workspace: AudienceWorkspace) -> list[dg.RunRequest]:
     """Ask again for deliveries whose latest run failed before recording an import (the source was
-    unreachable or cut the download): the cursor has moved past them, so nothing else would."""
+    unreachable or cut the download), or whose import was abandoned (the process running it died): the
+    cursor has moved past them, so nothing else would. A retry carries every tag of the run it retries,
+    the dry-run flag included. Runs of the CLI are not retried: the CLI reports its own failures."""
+    catalog = audience_workspace.service().catalog
+    for record in catalog.abandon_dead(feed_name, f"the {feed_name} sensor"):
+        context.log.warning(f"import {record.import_id} ({record.file_name}): {record.error}")
     failed = context.instance.get_runs(
         filters=dg.RunsFilter(job_name=audience_import_job.name, statuses=[dg.DagsterRunStatus.FAILURE],
                               tags={TAG_FEED: feed_name},
                               updated_after=datetime.now(UTC) - timedelta(seconds=RETRY_WINDOW_SECONDS)),
         limit=100,
     )
-    catalog = audience_workspace.service().catalog
-    requests = []
-    for run in failed:
-        partition, delivery = run.tags.get("dagster/partition"), run.tags.get(TAG_DELIVERY)
-        attempt = int(run.tags.get(TAG_ATTEMPT, "1"))
-        if not partition or not delivery or attempt >= MAX_ATTEMPTS:
+    candidates = [(run.tags.get("dagster/partition"), run.tags.get(TAG_DELIVERY)) for run in failed]
+    candidates += [(r.partition_key, r.delivery) for r in catalog.abandoned_imports(feed_name)]
+    requests, seen = [], set()
+    for partition, delivery in candidates:
+        if not partition or not delivery or (partition, delivery) in seen:
             continue
-        if catalog.find_import(partition, delivery) is not None:
-            continue  # the import recorded its outcome; failures of files are not retried
+        seen.add((partition, delivery))
+        record = catalog.find_import(partition, delivery)
+        if record is not None and record.status != ImportStatus.ABANDONED:
+            continue  # the import recorded its outcome (failures of files are not retried) or is running
         latest = context.instance.get_runs(
             filters=dg.RunsFilter(tags={"dagster/partition": partition, TAG_DELIVERY: delivery}), limit=1)
-        if latest and latest[0].run_id != run.run_id:
-            continue  # a later attempt exists
+        if not latest or latest[0].tags.get(TAG_ORIGIN) == "cli":
+            continue
+        run = latest[0]
+        if record is None and run.status != dg.DagsterRunStatus.FAILURE:
+            continue  # a later attempt is queued or running
+        attempt = int(run.tags.get(TAG_ATTEMPT, "1"))
+        if attempt >= MAX_ATTEMPTS:
+            continue
         context.log.info(f"retrying {partition} ({delivery}), attempt {attempt + 1}")
+        tags = {k: v for k, v in run.tags.items() if not k.startswith(("dagster/", ".dagster/"))}
         requests.append(dg.RunRequest(
             run_key=f"{partition}|{delivery}|attempt:{attempt + 1}", partition_key=partition,
-            tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: run.tags.get(TAG_SOURCE_URI, ""), TAG_FEED: feed_name,
-                  TAG_ATTEMPT: str(attempt + 1),
-                  **({TAG_FILE_NAME: run.tags[TAG_FILE_NAME]} if TAG_FILE_NAME in run.tags else {})},
+            tags={**tags, TAG_FEED: feed_name, TAG_ATTEMPT: str(attempt + 1)},
         ))
     return requests

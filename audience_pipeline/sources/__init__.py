@@ -8,9 +8,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from audience_pipeline.sources.base import DropSource, SourceChanged, SourceError, SourceObject, SourceTransient
+from botocore.exceptions import BotoCoreError
+
+from audience_pipeline.sources.base import (
+    DropSource,
+    SourceChanged,
+    SourceError,
+    SourceObject,
+    SourceRefused,
+    SourceTransient,
+)
 from audience_pipeline.sources.local import LocalDropSource
-from audience_pipeline.sources.s3 import S3DropSource, parse_s3_uri
+from audience_pipeline.sources.s3 import S3DropSource, parse_s3_uri, source_error
 from audience_pipeline.sources.sftp import SftpDropSource, parse_sftp_uri
 
 S3ClientFactory = Callable[[], Any]
@@ -23,10 +32,18 @@ def open_source(location: str, s3_client: S3ClientFactory | None = None, sftp=No
     if location.startswith("s3://"):
         if s3_client is None:
             raise SourceError(f"{location}: no S3 client configured")
-        return S3DropSource(s3_client(), location if location.endswith("/") else location + "/")
+        return S3DropSource(_s3_client(s3_client, location), location if location.endswith("/") else location + "/")
     if "://" in location and not location.startswith("file://"):
         raise SourceError(f"unsupported source scheme {location.split('://', 1)[0]!r} in {location!r}")
     return LocalDropSource(location.removeprefix("file://"))
+
+
+def _s3_client(factory: S3ClientFactory, location: str) -> Any:
+    # a named profile that does not exist fails here, before any request
+    try:
+        return factory()
+    except BotoCoreError as exc:
+        raise source_error(exc, f"cannot connect to {location}") from None
 
 
 def source_for_uri(uri: str, s3_client: S3ClientFactory | None = None, sftp=None) -> tuple[DropSource, str]:
@@ -42,11 +59,11 @@ def source_for_uri(uri: str, s3_client: S3ClientFactory | None = None, sftp=None
         bucket, key = parse_s3_uri(uri)
         if s3_client is None:
             raise SourceError(f"{uri}: no S3 client configured")
-        return S3DropSource(s3_client(), f"s3://{bucket}/"), key
+        return S3DropSource(_s3_client(s3_client, uri), f"s3://{bucket}/"), key
     raise SourceError(f"cannot open {uri!r}: unsupported scheme")
 
 
 __all__ = [
     "DropSource", "LocalDropSource", "S3ClientFactory", "S3DropSource", "SftpDropSource", "SourceChanged",
-    "SourceError", "SourceObject", "SourceTransient", "open_source", "source_for_uri",
+    "SourceError", "SourceObject", "SourceRefused", "SourceTransient", "open_source", "source_for_uri",
 ]

@@ -16,6 +16,11 @@ class SourceTransient(SourceError):
     """A network fault or an overloaded server: trying again later may succeed."""
 
 
+class SourceRefused(SourceError):
+    """The source refuses us for good until someone changes configuration or credentials (host key, login,
+    missing credential variable, a bucket or folder that is not there): retrying will not help, a person must."""
+
+
 class SourceChanged(SourceError):
     """The object was replaced after it was listed: the listed version no longer exists to be read."""
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject
+from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject, SourceRefused, SourceTransient
 
 
 class LocalDropSource:
@@ -37,10 +37,19 @@ class LocalDropSource:
     def close(self) -> None:
         return None
 
+    def _walk_error(self, exc: OSError) -> None:
+        if isinstance(exc, FileNotFoundError) and Path(exc.filename) != self.root:
+            return  # a sub-folder removed while we walked: its files are gone, not unreadable
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            raise SourceRefused(f"drop folder {self.root} does not exist") from None
+        if isinstance(exc, PermissionError):
+            raise SourceRefused(f"drop folder {exc.filename} is not readable: permission denied") from None
+        # an I/O error or a stale handle on a mounted folder: the mount may come back
+        raise SourceTransient(f"cannot list drop folder {exc.filename}: {exc.strerror or exc}") from None
+
     def list(self) -> Iterator[SourceObject]:
-        if not self.root.is_dir():
-            raise SourceError(f"drop folder {self.root} does not exist")
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        # os.walk skips a folder it cannot read unless told otherwise: an unreadable drop would look empty
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._walk_error):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if name.startswith("."):
@@ -50,6 +59,8 @@ class LocalDropSource:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
+                except PermissionError:
+                    raise SourceRefused(f"{path} is not readable: permission denied") from None
                 yield self._object(path, st)
 
     def _path(self, key: str) -> Path:
@@ -65,6 +76,8 @@ class LocalDropSource:
             fh = open(path, "rb")
         except FileNotFoundError:
             raise SourceError(f"{path} no longer exists") from None
+        except PermissionError:
+            raise SourceRefused(f"{path} is not readable: permission denied") from None
         with fh:
             obj = self._object(path, os.fstat(fh.fileno()))
             if version is not None and obj.version != version:

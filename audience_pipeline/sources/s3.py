@@ -7,11 +7,54 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import urllib3
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
 
-from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject, SourceTransient
+from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject, SourceRefused, SourceTransient
 
 LIST_PAGE_SIZE = 1000
+
+# Error codes that stay until someone fixes credentials, a policy or the configured bucket. A HEAD has no
+# body, so its errors carry only the status ("403"); "301" is a bucket in another region than configured.
+REFUSED_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+    "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed", "ExpiredToken", "InvalidToken",
+    "AccountProblem", "403", "301",
+})
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequests", "InternalError", "ServiceUnavailable", "503", "500",
+})
+REFUSED_BOTOCORE = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound,
+                    NoRegionError)
+
+
+def source_error(exc: ClientError | BotoCoreError, message: str) -> SourceError:
+    """``message`` and the reason, as the class that says what to do about it: SourceRefused for denied
+    credentials or a missing bucket, SourceTransient for an unreachable endpoint, throttling and 5xx."""
+    text = f"{message}: {_reason(exc)}"
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in REFUSED_CODES:
+            return SourceRefused(text)
+        if code in TRANSIENT_CODES or status >= 500 or status == 429:
+            return SourceTransient(text)
+        return SourceError(text)
+    if isinstance(exc, REFUSED_BOTOCORE):
+        return SourceRefused(text)
+    if isinstance(exc, ParamValidationError):
+        return SourceError(text)
+    # connection refused, DNS, timeouts, a connection closed mid-response: the endpoint may come back
+    return SourceTransient(text)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -69,7 +112,7 @@ class S3DropSource:
                         uri=self._uri(key),
                     )
         except (ClientError, BotoCoreError) as exc:
-            raise SourceError(f"cannot list {self.location}: {_reason(exc)}") from None
+            raise source_error(exc, f"cannot list {self.location}") from None
 
     def _object(self, key: str, meta: dict) -> SourceObject:
         modified = int(meta["LastModified"].timestamp())
@@ -83,7 +126,7 @@ class S3DropSource:
         try:
             meta = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
         except (ClientError, BotoCoreError) as exc:
-            raise SourceError(f"cannot read {self._uri(self.prefix + key)}: {_reason(exc)}") from None
+            raise source_error(exc, f"cannot read {self._uri(self.prefix + key)}") from None
         digest = _etag(meta["ETag"]).split("-")[0]
         return digest, self._object(key, meta)
 
@@ -100,11 +143,9 @@ class S3DropSource:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "412", "NoSuchVersion"):
                 raise SourceChanged(f"{self._uri(self.prefix + key)} was replaced after it was listed") from None
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            kind = SourceTransient if status >= 500 or code in ("SlowDown", "RequestTimeout") else SourceError
-            raise kind(f"cannot read {self._uri(self.prefix + key)}: {_reason(exc)}") from None
+            raise source_error(exc, f"cannot read {self._uri(self.prefix + key)}") from None
         except BotoCoreError as exc:
-            raise SourceTransient(f"cannot read {self._uri(self.prefix + key)}: {_reason(exc)}") from None
+            raise source_error(exc, f"cannot read {self._uri(self.prefix + key)}") from None
         body = response["Body"]
         try:
             yield _Guarded(body, self._uri(self.prefix + key)), self._object(key, response)

@@ -20,9 +20,24 @@ from urllib.parse import unquote, urlparse
 
 import paramiko
 
-from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject, SourceTransient
+from audience_pipeline.sources.base import SourceChanged, SourceError, SourceObject, SourceRefused, SourceTransient
 
 CHUNK = 1 << 20
+
+
+class UnknownHostKey(paramiko.SSHException):
+    """The server's host key is not in the known-hosts file at all."""
+
+    def __init__(self, hostname: str, key: paramiko.PKey):
+        super().__init__(hostname, key)
+        self.hostname = hostname
+        self.key = key
+
+
+class _RejectUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    # paramiko's RejectPolicy raises a bare SSHException, which looks like any network fault; ours has a class
+    def missing_host_key(self, client, hostname, key):
+        raise UnknownHostKey(hostname, key)
 
 
 def parse_sftp_uri(uri: str) -> tuple[str, str, int, str]:
@@ -52,15 +67,18 @@ class SftpDropSource:
         if opts.private_key_env:
             value = os.environ.get(opts.private_key_env)
             if not value:
-                raise SourceError(f"{self.location}: environment variable {opts.private_key_env} is not set")
+                raise SourceRefused(f"{self.location}: environment variable {opts.private_key_env} is not set")
             if value.lstrip().startswith("-----BEGIN"):
                 kwargs["pkey"] = _load_key(io.StringIO(value))
+            elif not os.access(value, os.R_OK):
+                # paramiko would raise a bare OSError from inside connect(), which reads as a network fault
+                raise SourceRefused(f"{self.location}: the key file named by {opts.private_key_env} is not readable")
             else:
                 kwargs["key_filename"] = value
         if opts.password_env:
             value = os.environ.get(opts.password_env)
             if value is None:
-                raise SourceError(f"{self.location}: environment variable {opts.password_env} is not set")
+                raise SourceRefused(f"{self.location}: environment variable {opts.password_env} is not set")
             kwargs["password"] = value
         return kwargs
 
@@ -68,17 +86,42 @@ class SftpDropSource:
         if self._sftp is not None:
             return self._sftp
         if not self.options.known_hosts:
-            raise SourceError(f"{self.location}: sftp.known_hosts is required (host keys are verified)")
+            raise SourceRefused(f"{self.location}: sftp.known_hosts is required (host keys are verified)")
+        known_hosts = os.path.expanduser(self.options.known_hosts)
+        credentials = self._credentials()
         ssh = paramiko.SSHClient()
-        ssh.load_host_keys(os.path.expanduser(self.options.known_hosts))
-        ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            ssh.load_host_keys(known_hosts)
+        except (OSError, paramiko.SSHException) as exc:
+            raise SourceRefused(f"{self.location}: cannot read the known_hosts file {known_hosts}: "
+                                f"{type(exc).__name__}") from None
+        ssh.set_missing_host_key_policy(_RejectUnknownHostKey())
         try:
             ssh.connect(self.host, port=self.port, username=self.user, timeout=self.options.timeout_seconds,
-                        allow_agent=False, look_for_keys=False, **self._credentials())
+                        allow_agent=False, look_for_keys=False, **credentials)
             self._sftp = ssh.open_sftp()
+        except paramiko.BadHostKeyException as exc:
+            ssh.close()
+            raise SourceRefused(
+                f"host key mismatch for {self.location}: the server presents {exc.key.get_name()} key "
+                f"{exc.key.fingerprint}, not the one in {known_hosts} ({exc.expected_key.fingerprint}); the server "
+                "changed or is an impostor: confirm the new key with the feed's owner before updating known_hosts"
+            ) from None
+        except UnknownHostKey as exc:
+            ssh.close()
+            raise SourceRefused(
+                f"unknown host key for {self.location}: {exc.hostname} is not in {known_hosts} (the server "
+                f"presents {exc.key.get_name()} key {exc.key.fingerprint}); add it once confirmed with the feed's owner"
+            ) from None
         except paramiko.AuthenticationException as exc:
             ssh.close()
-            raise SourceError(f"cannot log in to {self.location}: {type(exc).__name__}: {exc}") from None
+            if "timeout" in str(exc).lower():
+                # paramiko's only signal for a server too slow to answer the login is this message
+                raise SourceTransient(f"cannot log in to {self.location}: {exc}") from None
+            raise SourceRefused(f"login refused by {self.location}: {type(exc).__name__}: {exc}") from None
+        except paramiko.IncompatiblePeer as exc:
+            ssh.close()
+            raise SourceRefused(f"cannot connect to {self.location}: no common algorithm: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             ssh.close()
             # the exception text never holds the password; its class and message name the cause
@@ -108,8 +151,12 @@ class SftpDropSource:
         marker = self.options.marker_suffix
         try:
             entries = self._walk(client, "")
-        except (OSError, paramiko.SSHException) as exc:
-            raise SourceError(f"cannot list {self.location}: {exc}") from None
+        except FileNotFoundError:
+            raise SourceRefused(f"cannot list {self.location}: the folder does not exist on the server") from None
+        except PermissionError:
+            raise SourceRefused(f"cannot list {self.location}: permission denied") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SourceTransient(f"cannot list {self.location}: {type(exc).__name__}: {exc}") from None
         names = {key for key, _ in entries}
         for key, attrs in entries:
             name = posixpath.basename(key)
@@ -121,7 +168,13 @@ class SftpDropSource:
 
     def _walk(self, client: paramiko.SFTPClient, prefix: str) -> list:
         found = []
-        for attrs in sorted(client.listdir_attr(posixpath.join(self.root, prefix)), key=lambda a: a.filename):
+        try:
+            listing = client.listdir_attr(posixpath.join(self.root, prefix))
+        except FileNotFoundError:
+            if not prefix:
+                raise
+            return found  # a sub-folder removed while we walked: its files are gone, not unreadable
+        for attrs in sorted(listing, key=lambda a: a.filename):
             key = posixpath.join(prefix, attrs.filename) if prefix else attrs.filename
             if stat.S_ISDIR(attrs.st_mode or 0):
                 if not attrs.filename.startswith("."):
@@ -138,8 +191,12 @@ class SftpDropSource:
             raise SourceError(f"key {key!r} points outside {self.location}")
         try:
             handle = client.open(path, "rb")
-        except OSError as exc:
+        except FileNotFoundError as exc:
             raise SourceError(f"cannot read {self._uri(key)}: {exc}") from None
+        except PermissionError:
+            raise SourceRefused(f"cannot read {self._uri(key)}: permission denied") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SourceTransient(f"cannot read {self._uri(key)}: {type(exc).__name__}: {exc}") from None
         with handle:
             obj = self._object(key, handle.stat())
             if version is not None and obj.version != version:
@@ -164,4 +221,4 @@ def _load_key(text: io.StringIO) -> paramiko.PKey:
             return key_class.from_private_key(text)
         except paramiko.SSHException:
             continue
-    raise SourceError("the private key in the environment is not an Ed25519, ECDSA or RSA key")
+    raise SourceRefused("the private key in the environment is not an Ed25519, ECDSA or RSA key")
