@@ -61,7 +61,10 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
             context.log.info(f"{key} disappeared before it could be read; its audience is unchanged")
         if result.backlog:
             context.log.info(f"{result.backlog} more new files wait for the next tick")
-        retries = _retry_requests(context, feed_name, audience_workspace)
+        listed = {(d.partition_key, d.delivery) for d in result.deliveries}
+        # a delivery listed again (a poll killed before it kept its cursor) is asked for once
+        retries = [r for r in _retry_requests(context, feed_name, audience_workspace)
+                   if (r.partition_key, r.tags[TAG_DELIVERY]) not in listed]
         if not result.deliveries and not retries:
             return dg.SensorResult(skip_reason=f"no new files among {result.listed} listed",
                                    cursor=result.cursor.dumps())

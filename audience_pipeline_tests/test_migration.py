@@ -1,0 +1,63 @@
+"""A workspace whose catalog was made by 0.1.0 (before liveness) keeps working after the upgrade, on both
+catalogs: the new columns are added in place, its imports stay as they were, and an import it had in
+progress (with no holder recorded) is taken for dead and abandoned rather than waited for."""
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from audience_pipeline_tests.conftest import base_config, over_both_catalogs
+
+OLD_SCHEMA = (Path(__file__).parent / "fixtures" / "catalog_schema_0.1.0.sql").read_text()
+OLD_IMPORT = """
+INSERT INTO imports (import_id, partition_key, delivery, feed, source_uri, file_name, status, error, received_at,
+                     finished_at)
+VALUES (nextval('import_ids'), ?, ?, 'repro', 'file:///old/a.csv', 'a.csv', ?, ?, now(), ?)
+"""
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def catalog_location(request):
+    return over_both_catalogs(request)
+
+
+def old_catalog(location: str | None, root: Path) -> None:
+    """Write a 0.1.0 catalog: a failed import, and one in progress when the old version stopped."""
+    rows = [["repro:a.csv:00000001", "old-1", "failed", "empty file", "2026-01-01T00:00:00Z"],
+            ["repro:a.csv:00000002", "old-2", "received", None, None]]
+    if location is None:
+        root.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(root / "catalog.duckdb"))
+        con.execute(OLD_SCHEMA)
+        for row in rows:
+            con.execute(OLD_IMPORT, row)
+        con.close()
+        return
+    import psycopg
+
+    with psycopg.connect(location, autocommit=True) as con:
+        con.execute(OLD_SCHEMA)
+        for row in rows:
+            con.execute(OLD_IMPORT.replace("?", "%s"), row)
+
+
+def test_a_0_1_0_catalog_is_migrated_in_place(make_env, catalog_location, tmp_path):
+    old_catalog(catalog_location, tmp_path / "ws")
+    env = make_env(base_config())
+    catalog = env.runner.service.catalog
+    with catalog.session() as con:
+        columns = [r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'imports' "
+            "ORDER BY ordinal_position").fetchall()]
+    assert columns[-2:] == ["holder", "alive_at"] and "status" in columns
+    failed = catalog.get_import(1)
+    assert (failed.status, failed.error, failed.holder) == ("failed", "empty file", None)
+
+    record = env.import_file("a.csv", "u1\nu2\n")
+    assert record.import_id == 3 and record.status == "succeeded" and env.members("a") == {"u1", "u2"}
+    assert record.holder is not None and f"run {record.run_id}" in record.holder
+    stranded = catalog.get_import(2)
+    assert stranded.status == "abandoned" and "holder (unknown) died" in stranded.error
+    assert env.query("SELECT import_id, status FROM imports ORDER BY 1") == [
+        (1, "failed"), (2, "abandoned"), (3, "succeeded")]
