@@ -141,6 +141,9 @@ class FeedConfig(_Strict):
     identifiers: dict[str, str | IdentifierMapping] = {}
     # ODP: the header field holding the feed's high-confidence identifier.
     id_field: str | None = None
+    # ODP: `ts` is each row's event time, not a clock of the list, so lists apply in arrival order. Only for a
+    # producer that stamps every row with the list's compute time: skip a list whose newest ts is older.
+    skip_older_ts: bool = False
     # ODP: a .csv.gz may expand to no more than this many bytes (gzip bombs).
     max_decompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
     # mediarithmics: ndjson or csv; auto chooses by the file suffix.

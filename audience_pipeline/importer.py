@@ -336,7 +336,9 @@ class ImportService:
                     return latest  # another run of this delivery got there first
                 current = self.catalog.current_versions(list(audience_ids.values()))
                 times = list_times(con, rows_path)
-                stale = self._stale(times, audience_ids, current)
+                feed = self.workspace.feed(record.feed)
+                orders = getattr(get_format(feed.format), "list_time_orders", lambda _feed: False)(feed)
+                stale = self._stale(times, audience_ids, current) if orders else None
                 if stale:
                     return self.catalog.finish_import(
                         record.import_id, ImportStatus.SKIPPED,

@@ -74,13 +74,32 @@ def test_missing_column_fails_naming_it(odp):
     assert record.status == "failed" and "lacks the column(s) audience_id" in record.error
 
 
-def test_stale_list_is_skipped(odp):
+def test_lists_apply_in_arrival_order_whatever_their_ts(odp):
+    """ts is each row's event time, not a clock of the list: a later list whose rows carry older ts values
+    still replaces the applied one (it used to be skipped as stale, and user_2 stayed a member for ever)."""
+    first = ("type,action,a_high_confidence_identifier,audience_id,ts\n"
+             "passthrough,qualify,user_1,seg,1748851070\npassthrough,qualify,user_2,seg,1748851999\n")
+    later = "type,action,a_high_confidence_identifier,audience_id,ts\npassthrough,qualify,user_1,seg,1748851070\n"
+    odp.import_file("seg.csv.gz", gz(first), feed="odp")
+    record = odp.import_file("seg.csv.gz", gz(later), feed="odp")
+    assert record.status == "succeeded" and record.disqualified == 1
+    assert odp.members("seg") == {"user_1"}
+    assert odp.query("SELECT action, user_id FROM membership_events WHERE import_id = ?", [record.import_id]) == [
+        ("disqualify", "user_2")]
+
+
+def test_skip_older_ts_is_an_opt_in(make_env):
+    """For a producer that stamps every row with the list's compute time, skip_older_ts keeps the old rule."""
+    config = base_config()
+    config["feeds"] = {"odp": {"format": "odp", "source": "drop/odp", "id_field": "a_high_confidence_identifier",
+                               "skip_older_ts": True}}
+    env = make_env(config)
     newer = SEED.replace("external_audience_1", "st").replace("1748851070", "1748900000")
     older = "type,action,a_high_confidence_identifier,audience_id,ts\npassthrough,qualify,old,st,1748851070\n"
-    odp.import_file("st.csv.gz", gz(newer), feed="odp")
-    record = odp.import_file("st.csv.gz", gz(older), feed="odp")
+    env.import_file("st.csv.gz", gz(newer), feed="odp")
+    record = env.import_file("st.csv.gz", gz(older), feed="odp")
     assert record.status == "skipped" and "stale" in record.error
-    assert odp.members("st") == {"user_1", "user_2"}
+    assert env.members("st") == {"user_1", "user_2"}
 
 
 def test_gzip_bomb_and_truncated_gzip_fail_cleanly(odp):

@@ -7,6 +7,9 @@ A format module provides:
 - ``semantics(feed) -> Semantics``: how the parsed rows apply to the audiences they name;
 - optionally ``file_audiences(file_name, feed) -> list[str]``: audiences named by the file itself, which a
   full list with no valid row empties;
+- optionally ``list_time_orders(feed) -> bool``: whether the rows' ``observed_at`` (newest per audience, kept
+  as the version's ``list_time``) dates the list as a whole, so a list older than the applied one is stale
+  and skipped; without it lists apply in arrival order;
 - ``identifier_types(feed) -> list[str]``: the identifier types its rows can carry (registry resolution);
 - ``decode(raw_path, file_name, feed, work_dir) -> Path``: the file as text (e.g. gunzipped, capped);
 - ``parse_query(text_path, file_name, feed, work_dir, received_at) -> (sql, params)``: one DuckDB SELECT producing the

@@ -61,6 +61,11 @@ def semantics(feed) -> Semantics:
 UNION_SAME_LIST_TIME = True
 
 
+def list_time_orders(feed) -> bool:
+    """The date in the file name is the list's date: an older date than the applied one is stale."""
+    return True
+
+
 def identifier_types(feed) -> list[str]:
     return [feed.subscriber_type]
 

@@ -5,8 +5,11 @@ the feed's one high-confidence identifier field (``id_field``), in any column or
 complete current list of its audience (``replace``): users of the previous list absent from it are
 disqualified. ``action=qualify`` rows make the list; a ``disqualify`` row removes its user explicitly; any
 other action, a ``type`` other than ``passthrough`` and a row for another audience are rejected per row.
-``ts`` (epoch seconds) is the list's time: a file whose newest ``ts`` is older than the list applied to its
-audience is stale and skipped.
+``ts`` (epoch seconds) is each row's event time: the seed never defines it, and its example uses one value
+for the whole file, so it is no clock of the list. Lists apply in arrival order, as Repro's do; the newest
+``ts`` is kept as the version's ``list_time`` and each qualify event carries its row's ``ts``. With the feed
+option ``skip_older_ts`` (a producer that stamps every row with the list's compute time), a list whose
+newest ``ts`` is older than the applied one's is skipped as stale.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def file_audiences(file_name: str, feed) -> list[str]:
 
 def semantics(feed) -> Semantics:
     return Semantics.REPLACE
+
+
+def list_time_orders(feed) -> bool:
+    """Whether a list older than the applied one (by its newest ts) is stale: only when the feed says so."""
+    return feed.skip_older_ts
 
 
 def identifier_types(feed) -> list[str]:
