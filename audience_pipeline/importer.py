@@ -10,19 +10,21 @@ import functools
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import duckdb
 
 from audience_pipeline import faults
 from audience_pipeline.config import S3Options, Workspace
 from audience_pipeline.diff import compute_diff, list_times
-from audience_pipeline.duck import empty_rows, removal_rows, work_connection
+from audience_pipeline.duck import copy_to_parquet, empty_rows, removal_rows, work_connection
 from audience_pipeline.erasure import identifiers_of, scrub_lake
 from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.hashing import sha256_file
@@ -113,12 +115,14 @@ class ImportService:
         listed = all(d.startswith("source:") for _, d in parts)
         digest_obj = hashlib.sha256()
         size, over_limit, retried, obj_name = 0, False, False, None
+        starts = []  # the byte offset where each part begins in the concatenation
         with open(staged, "w+b") as out:
             for part_uri, part_delivery in parts:
                 if size and os.pread(out.fileno(), 1, size - 1) != b"\n":
                     out.write(b"\n")  # parts are concatenated line-wise
                     digest_obj.update(b"\n")
                     size += 1
+                starts.append(size)
                 context = (partition_key, delivery, source_uri, run_id, received_at, staged)
                 obj_name, part_size, over_limit, part_retried = self._receive_part(
                     part_uri, part_delivery, feed, out, digest_obj, feed.max_file_bytes - size, context)
@@ -148,6 +152,9 @@ class ImportService:
             archived.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, archived)
             self.lake.publish(archived)
+        if len(parts) > 1:
+            names = [posixpath.basename(unquote(urlparse(u).path)) for u, _ in parts]
+            self._record_parts(record.import_id, archived, names, starts)
         faults.point("receive.archived")
         if record.sha256 is not None and record.sha256 != sha256:
             return self._fail(record, f"{file_name}: content changed between two attempts of this delivery")
@@ -158,6 +165,38 @@ class ImportService:
                 "the new content is a new version and will be imported on its own",
             )
         return record
+
+    def _parts_path(self, import_id: int) -> Path:
+        return self.lake.validated_rows(import_id).with_name("parts.json")
+
+    def _record_parts(self, import_id: int, raw: Path, names: list[str], starts: list[int]) -> None:
+        """Which lines of a concatenated delivery came from which part (a later re-upload of one part replaces
+        only that part's lines: Attentive)."""
+        firsts, lines, done = [], 0, 0
+        with open(raw, "rb") as handle:
+            for start in starts:
+                while done < start:
+                    chunk = handle.read(min(1 << 20, start - done))
+                    lines += chunk.count(b"\n")
+                    done += len(chunk)
+                firsts.append(lines + 1)
+        path = self._parts_path(import_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"name": n, "first_line": f} for n, f in zip(names, firsts, strict=True)]))
+        os.replace(tmp, path)
+        self.lake.publish(path)
+
+    def part_lines(self, record: ImportRecord) -> dict[str, tuple[int, int | None]]:
+        """Each part of an import and its lines (first, last; None = to the end)."""
+        if not record.delivery.startswith("parts:"):
+            return {record.file_name: (1, None)}
+        path = self._parts_path(record.import_id)
+        if not self.lake.fetch(path):
+            raise FileNotFoundError(f"the part boundaries of import {record.import_id} ({path.name}) are gone")
+        parts = json.loads(path.read_text())
+        lasts = [p["first_line"] - 1 for p in parts[1:]] + [None]
+        return {p["name"]: (p["first_line"], last) for p, last in zip(parts, lasts, strict=True)}
 
     def _receive_part(self, uri: str, delivery: str, feed, out, digest, budget: int, context: tuple):
         """Append one object to the staged file, retrying transient faults with backoff:
@@ -346,19 +385,24 @@ class ImportService:
                                 disqualified=0),
                         error=stale)
                 keep = {a: semantics == Semantics.INCREMENTAL for a in audience_ids.values()}
+                diff_rows, own_pairs = rows_path, None
                 if union_parts:
-                    # another part of the list already applied: add to it rather than replace it
-                    for key, listed_at in times.items():
-                        applied = current.get(audience_ids[key])
-                        if applied is not None and applied.list_time == listed_at:
-                            keep[audience_ids[key]] = True
-                diff = compute_diff(con, self.lake, record.import_id, keep, rows_path, audience_ids,
+                    # other parts of the list's date already applied: the list is all of them, each part as
+                    # last delivered (this file replacing its own part's earlier delivery)
+                    same_date = [key for key, listed_at in times.items()
+                                 if (applied := current.get(audience_ids[key])) is not None
+                                 and applied.list_time == listed_at]
+                    if same_date:
+                        diff_rows, own_pairs = self._with_other_parts(con, record, rows_path, same_date,
+                                                                      audience_ids, work)
+                diff = compute_diff(con, self.lake, record.import_id, keep, diff_rows, audience_ids,
                                     current, record.received_at)
+                pairs = diff.pairs if own_pairs is None else own_pairs
                 outcome = Outcome(
                     rows_total=summary.rows_total if summary else 0,
                     rows_valid=summary.rows_valid if summary else 0,
                     rows_rejected=summary.rows_rejected if summary else 0,
-                    duplicates=summary.rows_valid - diff.pairs if summary else 0,
+                    duplicates=summary.rows_valid - pairs if summary else 0,
                     unmatched=summary.unmatched if summary else 0,
                     qualified=diff.qualified, disqualified=diff.disqualified, members=diff.members,
                     noops=diff.noops, warnings=summary.warnings if summary else 0, audiences=tuple(audience_ids),
@@ -400,6 +444,41 @@ class ImportService:
             self.lake.trim_cache(self.catalog.current_member_files(), self.workspace.config.storage.cache_max_bytes)
         faults.point("apply.done")
         return self.catalog.get_import(record.import_id)
+
+    def _with_other_parts(self, con, record: ImportRecord, rows_path: Path, keys: list[str],
+                          audience_ids: dict[str, int], work: Path) -> tuple[Path, int]:
+        """This file's rows plus, for each segment of ``keys`` (whose applied list is of this file's date),
+        the rows of the latest applied delivery of every other part of that date. Returns the combined rows
+        and the number of (segment, user) pairs in this file alone."""
+        feed = self.workspace.feed(record.feed)
+        fmt = get_format(feed.format)
+        group = fmt.group_name(record.file_name, feed)
+        own = set(self.part_lines(record))
+        selects, params = ["SELECT * FROM read_parquet(?)"], [str(rows_path)]
+        for key in keys:
+            seen = set(own)
+            for earlier in self.catalog.applied_imports(audience_ids[key]):  # newest first
+                earlier_group = fmt.group_name(earlier.file_name or "", feed)
+                if earlier.import_id == record.import_id or earlier_group is None:
+                    continue  # not a delivery of this feed's files (an erasure, say)
+                if earlier_group != group:
+                    break  # an older date: no part of this list
+                rows = self.lake.validated_rows(earlier.import_id)
+                for part, (first, last) in self.part_lines(earlier).items():
+                    if part in seen:
+                        continue
+                    seen.add(part)
+                    if not self.lake.fetch(rows):
+                        self._fail(record, f"{record.file_name}: cannot rebuild the list of {key!r}: the rows of its "
+                                           f"part {part} (import {earlier.import_id}) are gone (raw_retention_days)")
+                    selects.append("SELECT * FROM read_parquet(?) WHERE audience_key = ? AND source_line >= ? "
+                                   "AND (CAST(? AS BIGINT) IS NULL OR source_line <= ?)")
+                    params += [str(rows), key, first, last, last]
+        combined = work / "with_other_parts.parquet"
+        copy_to_parquet(con, " UNION ALL ".join(selects), params, combined)
+        [(own_pairs,)] = con.execute("SELECT count(*) FROM (SELECT DISTINCT audience_key, user_id "
+                                     "FROM read_parquet(?))", [str(rows_path)]).fetchall()
+        return combined, own_pairs
 
     @staticmethod
     def _base_outcome(summary: Summary | None, audience_ids: dict[str, int]) -> Outcome:

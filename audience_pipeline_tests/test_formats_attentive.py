@@ -159,3 +159,52 @@ def test_parts_found_in_one_listing_are_one_import(attentive, sftp_server):
     assert "_1.csv" in record.source_uri and "_2.csv" in record.source_uri
     assert (record.qualified, record.disqualified, record.members) == (3, 1, 3)
     assert env.members("list") == {"+12125550101", "+12125550102", "+12125550103"}
+
+
+DAY = "sirendenim_subscriber_segment_20201125"
+
+
+def test_a_re_upload_of_a_file_replaces_its_list(attentive, sftp_server):
+    """"Files containing an existing segment name will replace the existing list": the same file again with
+    one phone instead of two leaves one member (it used to be unioned in: +0 -0, 2 members)."""
+    env = attentive()
+    upload(sftp_server, f"{DAY}.csv", "2125550101, segment 1\n2125550102, segment 1\n", age_seconds=60)
+    env.runner.poll("attentive")
+    upload(sftp_server, f"{DAY}.csv", "2125550101, segment 1\n")
+    [record] = env.runner.poll("attentive")
+    assert (record.status, record.qualified, record.disqualified, record.members) == ("succeeded", 0, 1, 1)
+    assert env.members("segment 1") == {"+12125550101"}
+
+
+def test_a_re_uploaded_part_replaces_only_its_own_contribution(attentive, sftp_server):
+    env = attentive()
+    upload(sftp_server, f"{DAY}_1.csv", "2125550101, seg\n2125550102, seg\n", age_seconds=60)
+    env.runner.poll("attentive")
+    upload(sftp_server, f"{DAY}_2.csv", "2125550103, seg\n", age_seconds=50)
+    env.runner.poll("attentive")
+    assert env.members("seg") == {"+12125550101", "+12125550102", "+12125550103"}
+    upload(sftp_server, f"{DAY}_1.csv", "2125550101, seg\n")  # part 1 again, without ...102
+    [record] = env.runner.poll("attentive")
+    assert (record.status, record.disqualified, record.duplicates) == ("succeeded", 1, 0)
+    assert env.members("seg") == {"+12125550101", "+12125550103"}
+
+
+def test_parts_found_together_then_one_re_uploaded_and_a_new_one(attentive, sftp_server):
+    env = attentive()
+    upload(sftp_server, f"{DAY}_1.csv", "2125550101, seg\n2125550102, seg\n", age_seconds=60)
+    upload(sftp_server, f"{DAY}_2.csv", "2125550103, seg\n2125550109, other\n", age_seconds=60)
+    [together] = env.runner.poll("attentive")
+    assert (together.status, together.members) == ("succeeded", 4), together.error
+    upload(sftp_server, f"{DAY}_2.csv", "2125550104, seg\n", age_seconds=30)  # part 2 again: 103 out, 104 in
+    [again] = env.runner.poll("attentive")
+    assert (again.qualified, again.disqualified) == (1, 1)
+    assert env.members("seg") == {"+12125550101", "+12125550102", "+12125550104"}
+    # a file replaces the segments it names ("Files containing an existing segment name"): part 2 no longer
+    # names "other", which keeps its list
+    assert env.members("other") == {"+12125550109"}
+    upload(sftp_server, f"{DAY}_3.csv", "2125550105, seg\n")  # a new part adds to the date's list
+    env.runner.poll("attentive")
+    assert env.members("seg") == {"+12125550101", "+12125550102", "+12125550104", "+12125550105"}
+    upload(sftp_server, "sirendenim_subscriber_segment_20201126_2.csv", "2125550106, seg\n")
+    env.runner.poll("attentive")  # the first part of a newer date replaces the list
+    assert env.members("seg") == {"+12125550106"}

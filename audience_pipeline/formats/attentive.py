@@ -4,8 +4,8 @@
 e-mail, as the feed says) and a segment name. The seed writes both ``1234567890, segment 1`` and
 ``1234567890 segment 1``: the separator is a comma with optional spaces, or else the first run of
 whitespace (segment names contain spaces). The files of one date are together the full list of every
-segment they name: a part for a date already applied is unioned into that date's list, a newer date
-replaces it, an older date is stale.
+segment they name: a segment's list is the union of the latest delivery of each part of its newest date (a
+re-upload of a part replaces that part's rows), a newer date replaces it, an older date is stale.
 
 Phones become E.164. The vendor's accepted spellings (``1234567890``, ``123-456-7890``, ``1123-456-7890``,
 ``11234567890``) fail phonenumbers' strict validity (123 is not an assignable US area code) and two of them
@@ -57,7 +57,7 @@ def semantics(feed) -> Semantics:
     return Semantics.REPLACE
 
 
-# Parts of one date add to that date's list instead of replacing it (see importer).
+# A list is made of the parts of its date, each as last delivered (see ImportService._with_other_parts).
 UNION_SAME_LIST_TIME = True
 
 

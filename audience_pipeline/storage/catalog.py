@@ -264,6 +264,12 @@ class Catalog:
             names = [d[0] for d in cur.description]
             return [ImportRecord(**dict(zip(names, row, strict=True))) for row in cur.fetchall()]
 
+    def applied_imports(self, audience_id: int) -> list[ImportRecord]:
+        with self.session() as con:
+            cur = con.execute(sql.APPLIED_IMPORTS, [audience_id])
+            names = [d[0] for d in cur.description]
+            return [ImportRecord(**dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+
     def _published(self, import_id: int) -> ImportRecord:
         """Export the snapshot after a status change; an import that left ``received`` is let go."""
         with self.session() as con:

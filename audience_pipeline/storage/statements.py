@@ -256,3 +256,9 @@ ORDER BY import_id
 SET_AUDIENCES = """
 UPDATE imports SET audiences = CAST(? AS VARCHAR[]), alive_at = ? WHERE import_id = ? AND status = 'received'
 """
+
+# Succeeded imports that made a version of the audience, newest first (the parts of an Attentive list).
+APPLIED_IMPORTS = """
+SELECT i.* FROM audience_versions v JOIN imports i ON i.import_id = v.import_id
+WHERE v.audience_id = ? AND i.status = 'succeeded' ORDER BY v.version DESC
+"""
