@@ -133,8 +133,10 @@ def init(directory: Path) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--feed", required=True, help="Feed whose format and rules apply to the files.")
 @click.option("--dry-run", is_flag=True, help="Compute the diff and the removal gate's verdict; apply nothing.")
+@click.option("--profile", metavar="NAME", default=None,
+              help="One of the feed's profiles (Loymax): its mode, audience, identifier and action apply.")
 @config_option
-def import_(files: tuple[Path, ...], feed: str, dry_run: bool, config: str | None) -> None:
+def import_(files: tuple[Path, ...], feed: str, dry_run: bool, profile: str | None, config: str | None) -> None:
     """Import FILES now, as the feed's sensor would (runs show in the Dagster UI)."""
     from audience_pipeline.runner import RunNotRecorded
 
@@ -150,7 +152,10 @@ def import_(files: tuple[Path, ...], feed: str, dry_run: bool, config: str | Non
         started = time.monotonic()
         with console.status(f"importing {path} ...", spinner="dots"):
             try:
-                record = runner.import_file(feed, path, dry_run=dry_run)
+                record = runner.import_file(feed, path, dry_run=dry_run, profile=profile)
+            except ConfigError as exc:
+                # the feed was checked above, so this is the profile: a bad option value, exit 2 as click's
+                raise click.BadParameter(str(exc), param_hint="'--profile'") from None
             except FileNotFoundError as exc:
                 codes.append(EXIT_FAILED)
                 problems.append(str(exc))

@@ -130,6 +130,28 @@ class GateConfig(_Strict):
 
 
 DEFAULT_POLL_SECONDS = {"attentive": 86400}
+# A drop folder of this name holds dry runs, so no profile may be called so.
+DRY_RUN_FOLDER = "dryrun"
+
+
+class LoymaxProfile(_Strict):
+    """Overrides of a Loymax feed's file options for the files of one profile. Loymax's import page asks for
+    the mode (and the audience), the identifier type and the action on every upload; a profile is one such
+    choice, named, so one feed's adds, removals and single-audience files all update the feed's audiences.
+    An option left out keeps the feed's value."""
+
+    mode: Literal["single", "per_row"] | None = None
+    audience: str | None = None
+    identifier: str | None = None
+    action: Literal["add", "remove", "replace"] | None = None
+
+    @model_validator(mode="after")
+    def _no_null(self) -> LoymaxProfile:
+        # `audience: null` is meaningful (name the audience after the file); the others have no null value
+        for name in ("mode", "identifier", "action"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null: leave it out to keep the feed's {name}")
+        return self
 
 
 class FeedConfig(_Strict):
@@ -181,6 +203,9 @@ class FeedConfig(_Strict):
     mode: Literal["single", "per_row"] = "single"
     audience: str | None = None
     action: Literal["add", "remove", "replace"] = "add"
+    # Loymax: named overrides of mode/audience/identifier/action. A file under <drop>/<profile>/ (or imported
+    # with --profile) uses that profile's options; the audiences stay the feed's.
+    profiles: dict[str, LoymaxProfile] = {}
 
     @model_validator(mode="after")
     def _format_options(self) -> FeedConfig:
@@ -189,7 +214,23 @@ class FeedConfig(_Strict):
                              "(e.g. a_high_confidence_identifier)")
         if self.format == "attentive" and not self.customer_domain:
             raise ValueError("an attentive feed needs customer_domain, the prefix of its file names")
+        if self.profiles and self.format != "loymax":
+            raise ValueError("profiles are for loymax feeds (the options they override are Loymax's)")
+        for name in self.profiles:
+            # a profile names a drop folder and is part of a delivery id (profile:<name>:...)
+            if not FEED_NAME_PATTERN.match(name) or name == DRY_RUN_FOLDER:
+                raise ValueError(f"profile name {name!r} must be lower-case letters, digits and '_', starting "
+                                 f"with a letter, and not {DRY_RUN_FOLDER!r}")
         return self
+
+    def for_profile(self, profile: str | None) -> FeedConfig:
+        """The feed's options for a file of this profile (None: the feed's own)."""
+        if profile is None:
+            return self
+        if profile not in self.profiles:
+            known = ", ".join(sorted(self.profiles)) or "none"
+            raise ConfigError(f"the feed has no profile named {profile!r} (profiles: {known})")
+        return self.model_copy(update=self.profiles[profile].model_dump(exclude_unset=True))
 
     @property
     def poll_seconds(self) -> int:
@@ -225,6 +266,16 @@ class OutboxConfig(_Strict):
     identifier_field: str = "user_id"  # the identifier column's name in the files (ODP: the feed's field)
     feeds: list[str] = []  # default: every feed
     s3: S3Options = S3Options()
+    # Encryption of the uploaded objects, the outbox's own and never the lake's: ODP's upload example uses
+    # --sse (AES256), and a KMS key of ours would leave the files unreadable to the destination.
+    server_side_encryption: Literal["AES256", "aws:kms"] = "AES256"
+    kms_key_id: str | None = None
+
+    @model_validator(mode="after")
+    def _kms_key(self) -> OutboxConfig:
+        if self.kms_key_id and self.server_side_encryption != "aws:kms":
+            raise ValueError("kms_key_id needs server_side_encryption: aws:kms")
+        return self
 
 
 class WorkspaceConfig(_Strict):

@@ -59,7 +59,7 @@ FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_ke
 GROUP BY m.audience_id, r.user_id
 """
 FINAL_STATE_COMMANDS = """arg_max_null(r.action = 'add', r.source_line) AS is_add,
-       arg_max_null(r.expires_at, r.source_line) AS expires_at"""
+       arg_max_null({file_expiry}, r.source_line) AS expires_at"""
 JOINED = """
 SELECT coalesce(f.audience_id, p.audience_id) AS audience_id, coalesce(f.user_id, p.user_id) AS user_id,
        f.user_id IS NOT NULL AS touched, f.is_add, f.expires_at, f.source_line,
@@ -70,7 +70,9 @@ FROM final_state f FULL OUTER JOIN {previous} p ON p.audience_id = f.audience_id
 ROW_COUNTS = """SELECT (SELECT count(*) FROM read_parquet($rows)),
                        (SELECT count(*) FROM read_parquet($previous_files))"""
 
-FILE_COLUMNS = "r.action = 'add' AS is_add, r.expires_at AS expires_at"
+FILE_COLUMNS = "r.action = 'add' AS is_add, {file_expiry} AS expires_at"
+# A relative expiry (mediarithmics' expiration_duration) counts from the import's instant.
+RELATIVE_EXPIRY = "coalesce(r.expires_at, $event_at::TIMESTAMPTZ + to_seconds(r.expires_in))"
 FILE_STATE = """arg_max_null(is_add, source_line) FILTER (WHERE in_file) AS is_add,
        arg_max_null(expires_at, source_line) FILTER (WHERE in_file) AS expires_at"""
 PLAIN_ADDS = "true AS is_add, NULL::TIMESTAMPTZ AS expires_at"
@@ -124,15 +126,19 @@ FROM (
 """
 
 # A lapsed member that the file adds again left at its expiry and comes back now: two events at two
-# instants, the only case with more than one event per (import, audience, user).
+# instants, the only case with more than one event per (import, audience, user). A qualify event carries the
+# time its row says it became true (ODP's ts, Attentive's date), where the file gives one.
 EVENTS = """
-SELECT audience_id, user_id, 'disqualify' AS action, lapsed_at AS event_at, NULL::BIGINT AS source_line
+SELECT audience_id, user_id, 'disqualify' AS action, lapsed_at AS event_at, NULL::BIGINT AS source_line,
+       NULL::TIMESTAMPTZ AS observed_at
 FROM read_parquet($changes) WHERE lapsed
 UNION ALL
-SELECT audience_id, user_id, CASE WHEN is_member THEN 'qualify' ELSE 'disqualify' END, $event_at::TIMESTAMPTZ,
-       source_line
-FROM read_parquet($changes) WHERE is_member <> was_member
+SELECT c.audience_id, c.user_id, CASE WHEN c.is_member THEN 'qualify' ELSE 'disqualify' END,
+       $event_at::TIMESTAMPTZ, c.source_line, {observed}
+FROM read_parquet($changes) c {observed_join} WHERE c.is_member <> c.was_member
 """
+OBSERVED_JOIN = """LEFT JOIN (SELECT DISTINCT ON (source_line) source_line, observed_at FROM read_parquet($rows)
+                             WHERE observed_at IS NOT NULL) o ON o.source_line = c.source_line"""
 
 CHANGE_COUNTS = """
 SELECT audience_id,
@@ -209,6 +215,12 @@ def compute_diff(
     params = {"rows": str(rows_path)}
     # fetchall, not fetchone: an unfinished result would block the streamed query below
     [(file_commands, file_bags)] = con.execute(FILE_ATTRIBUTES, params).fetchall()
+    # rows validated before expires_in existed (an import held across the upgrade) have none
+    columns = {c for c, *_ in con.execute("DESCRIBE SELECT * FROM read_parquet($rows)", params).fetchall()}
+    relative = "expires_in" in columns and con.execute(
+        "SELECT count(expires_in) > 0 FROM read_parquet($rows)", params).fetchall()[0][0]
+    file_expiry = RELATIVE_EXPIRY if relative else "r.expires_at"
+    file_commands = file_commands or relative
     previous_expiries = previous_bags = False
     if previous_files:
         params["previous_files"] = previous_files
@@ -220,12 +232,13 @@ def compute_diff(
         [(file_rows, previous_rows)] = con.execute(ROW_COUNTS, params).fetchall()
         small_file = file_rows < SMALL_FILE_SHARE * previous_rows
     if small_file:
-        con.execute(FINAL_STATE.format(file_state=FINAL_STATE_COMMANDS if file_commands else PLAIN_ADDS),
-                    {"rows": str(rows_path)})
+        state = FINAL_STATE_COMMANDS.format(file_expiry=file_expiry) if file_commands else PLAIN_ADDS
+        con.execute(FINAL_STATE.format(file_state=state),
+                    {"rows": str(rows_path), **({"event_at": event_at} if relative else {})})
         merged = JOINED.format(previous=previous, previous_expiry="p.expires_at" if previous_expiries else "NULL")
     else:
         merged = MERGED.format(
-            file_columns=FILE_COLUMNS if file_commands else PLAIN_ADDS,
+            file_columns=FILE_COLUMNS.format(file_expiry=file_expiry) if file_commands else PLAIN_ADDS,
             file_state=FILE_STATE if file_commands else PLAIN_ADDS,
             previous_columns="expires_at" if previous_expiries else "NULL",
             previous_state=PREVIOUS_STATE if previous_expiries else PREVIOUS_PLAIN,
@@ -250,7 +263,12 @@ def compute_diff(
     tallies, pairs = _write_transitions(con, transitions + order, bound, staged, import_id, audience_ids, changes)
     faults.point("diff.transitions")
     faults.point("diff.members_written")
-    copy_to_parquet(con, EVENTS, {"event_at": event_at, "changes": str(changes)}, lake.events(import_id))
+    [(observed,)] = con.execute("SELECT count(observed_at) > 0 FROM read_parquet($rows)",
+                                {"rows": str(rows_path)}).fetchall()
+    events = EVENTS.format(observed="CASE WHEN c.is_member THEN o.observed_at END" if observed
+                           else "NULL::TIMESTAMPTZ", observed_join=OBSERVED_JOIN if observed else "")
+    copy_to_parquet(con, events, {"event_at": event_at, "changes": str(changes),
+                                  **({"rows": str(rows_path)} if observed else {})}, lake.events(import_id))
     faults.point("diff.events_written")
     changed = {a: (q, d, n) for a, q, d, n in con.execute(CHANGE_COUNTS, {"changes": str(changes)}).fetchall()}
     times = list_times(con, rows_path)

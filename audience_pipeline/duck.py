@@ -47,7 +47,8 @@ def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, params: list | d
 CANONICAL_EMPTY = """
 SELECT NULL::VARCHAR AS audience_key, NULL::VARCHAR AS identifier_type, NULL::VARCHAR AS identifier,
        NULL::VARCHAR AS user_id, NULL::VARCHAR AS action, NULL::TIMESTAMPTZ AS expires_at,
-       NULL::VARCHAR AS data_bag, NULL::TIMESTAMPTZ AS observed_at, NULL::VARCHAR AS warning,
+       NULL::BIGINT AS expires_in, NULL::VARCHAR AS data_bag, NULL::TIMESTAMPTZ AS observed_at,
+       NULL::VARCHAR AS warning,
        NULL::BIGINT AS source_line
 LIMIT 0
 """
@@ -69,7 +70,8 @@ def removal_rows(dest: Path, user_id: str, audiences: list[str]) -> None:
         copy_to_parquet(
             con,
             """SELECT a AS audience_key, 'user_id' AS identifier_type, $u AS identifier, $u AS user_id,
-                      'remove' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag,
+                      'remove' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
+                      NULL::VARCHAR AS data_bag,
                       NULL::TIMESTAMPTZ AS observed_at, NULL::VARCHAR AS warning, 1::BIGINT AS source_line
                FROM unnest($a) t(a)""",
             {"u": user_id, "a": audiences},

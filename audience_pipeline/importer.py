@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 import duckdb
 
 from audience_pipeline import faults
-from audience_pipeline.config import S3Options, Workspace
+from audience_pipeline.config import FeedConfig, S3Options, Workspace
 from audience_pipeline.diff import compute_diff, list_times
 from audience_pipeline.duck import copy_to_parquet, empty_rows, removal_rows, work_connection
 from audience_pipeline.erasure import identifiers_of, scrub_lake
@@ -32,6 +32,7 @@ from audience_pipeline.keys import parse_partition_key
 from audience_pipeline.model import ImportStatus, Semantics
 from audience_pipeline.notify import Notifier
 from audience_pipeline.outbox import write_outboxes
+from audience_pipeline.polling import source_delivery
 from audience_pipeline.sources import S3ClientFactory, SourceChanged, SourceError, SourceTransient, source_for_uri
 from audience_pipeline.storage.catalog import Catalog, CommitRefused, ImportRecord, Outcome
 from audience_pipeline.storage.lake import Lake
@@ -89,9 +90,10 @@ class ImportService:
 
     # -- step 1: raw file ---------------------------------------------------------------------------
     def receive(self, partition_key: str, delivery: str, source_uri: str, run_id: str | None,
-                file_name: str | None = None) -> ImportRecord:
+                file_name: str | None = None, profile: str | None = None) -> ImportRecord:
         """Copy the delivered object into the content-addressed raw archive and open its import. An import
-        of this delivery that another run left unfinished (it died) is taken over."""
+        of this delivery that another run left unfinished (it died) is taken over. ``profile``: the feed
+        profile the file is read with (recorded on the import; every later step reads it from there)."""
         self.catalog.hold(partition_key, delivery)
         existing = self.catalog.find_import(partition_key, delivery)
         if existing is not None:
@@ -103,7 +105,7 @@ class ImportService:
                 return existing
         # new, or a crashed attempt that opened the import but did not archive the file: fetch it again
         feed_name, _, digest = parse_partition_key(partition_key)
-        feed = self.workspace.feed(feed_name)
+        feed = self.workspace.feed(feed_name).for_profile(profile)
         received_at = datetime.now(UTC)
         staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
         staged.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,7 @@ class ImportService:
         if delivery.startswith("parts:"):
             parts = list(zip(json.loads(source_uri), json.loads(delivery[len("parts:"):]), strict=True))
         else:
-            parts = [(source_uri, delivery)]
+            parts = [(source_uri, source_delivery(delivery))]
         listed = all(d.startswith("source:") for _, d in parts)
         digest_obj = hashlib.sha256()
         size, over_limit, retried, obj_name = 0, False, False, None
@@ -123,7 +125,7 @@ class ImportService:
                     digest_obj.update(b"\n")
                     size += 1
                 starts.append(size)
-                context = (partition_key, delivery, source_uri, run_id, received_at, staged)
+                context = (partition_key, delivery, source_uri, run_id, received_at, staged, profile)
                 obj_name, part_size, over_limit, part_retried = self._receive_part(
                     part_uri, part_delivery, feed, out, digest_obj, feed.max_file_bytes - size, context)
                 size += part_size
@@ -139,7 +141,7 @@ class ImportService:
         record = self.catalog.begin_import(
             partition_key=partition_key, delivery=delivery, feed=feed_name, source_uri=source_uri,
             file_name=file_name, sha256=None if over_limit else sha256, size_bytes=size,
-            semantics=fmt.semantics(feed).value, run_id=run_id, received_at=received_at,
+            semantics=fmt.semantics(feed).value, run_id=run_id, received_at=received_at, profile=profile,
         )
         faults.point("receive.begun")
         if over_limit:
@@ -201,7 +203,7 @@ class ImportService:
     def _receive_part(self, uri: str, delivery: str, feed, out, digest, budget: int, context: tuple):
         """Append one object to the staged file, retrying transient faults with backoff:
         (name, size, over the limit, retried)."""
-        partition_key, import_delivery, import_uri, run_id, received_at, staged = context
+        partition_key, import_delivery, import_uri, run_id, received_at, staged, profile = context
         source, key = source_for_uri(uri, self.s3_client(feed.s3) if self.s3_client else None, feed.sftp)
         # A sensor's delivery names the exact version it listed; read that one or learn it was replaced.
         listed_version = delivery.removeprefix("source:") if delivery.startswith("source:") else None
@@ -217,7 +219,7 @@ class ImportService:
                     partition_key=partition_key, delivery=import_delivery, feed=feed_name_of(partition_key),
                     source_uri=import_uri, file_name=key.rsplit("/", 1)[-1], sha256=None, size_bytes=None,
                     semantics=get_format(feed.format).semantics(feed).value, run_id=run_id,
-                    received_at=received_at,
+                    received_at=received_at, profile=profile,
                 )
                 return self._fail(record, f"{exc}; the new version is a delivery of its own")
             except SourceTransient as exc:
@@ -261,6 +263,10 @@ class ImportService:
             )
         return record
 
+    def _feed(self, record: ImportRecord) -> FeedConfig:
+        """The options this import's file is read with: its feed's, with its profile's overrides."""
+        return self.workspace.feed(record.feed).for_profile(record.profile)
+
     # -- step 2: validated file ---------------------------------------------------------------------
     def _summary_path(self, import_id: int) -> Path:
         return self.lake.validated_rows(import_id).with_name("summary.json")
@@ -275,7 +281,7 @@ class ImportService:
             data = json.loads(summary_path.read_text())
             data["audiences"] = tuple(data["audiences"])
             return Summary(**data)
-        feed = self.workspace.feed(record.feed)
+        feed = self._feed(record)
         work = self.lake.staging(f"work_{record.import_id}")
         raw = self.lake.raw_path(record.sha256)
         if not self.lake.fetch(raw):
@@ -329,7 +335,7 @@ class ImportService:
         summary = self.validate(record)
         if not dry_run:
             self.catalog.set_audiences(record.import_id, list(summary.audiences))
-        feed = self.workspace.feed(record.feed)
+        feed = self._feed(record)
         semantics = Semantics(get_format(feed.format).semantics(feed))
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
         faults.point("apply.audiences_registered")
@@ -339,10 +345,11 @@ class ImportService:
 
     def _commit(self, record: ImportRecord, semantics: Semantics, rows_path: Path, audience_ids: dict[str, int],
                 summary: Summary | None, union_parts: bool = False, delete: bool = False, approved: bool = False,
-                dry_run: bool = False, released: bool = False) -> ImportRecord:
+                dry_run: bool = False, released: bool = False, floor: datetime | None = None) -> ImportRecord:
         """Diff and commit while holding the file's audiences: parsing and validation run in parallel, but
         two imports never diff against, or commit, the same audience at once."""
-        options = dict(union_parts=union_parts, delete=delete, approved=approved, dry_run=dry_run, released=released)
+        options = dict(union_parts=union_parts, delete=delete, approved=approved, dry_run=dry_run, released=released,
+                       floor=floor)
         if dry_run:
             return self._commit_held(record, semantics, rows_path, audience_ids, summary, **options)
         self.catalog.set_audiences(record.import_id, list(audience_ids))
@@ -356,7 +363,7 @@ class ImportService:
 
     def _commit_held(self, record: ImportRecord, semantics: Semantics, rows_path: Path,
                      audience_ids: dict[str, int], summary: Summary | None, union_parts: bool, delete: bool,
-                     approved: bool, dry_run: bool, released: bool) -> ImportRecord:
+                     approved: bool, dry_run: bool, released: bool, floor: datetime | None) -> ImportRecord:
         names = sorted(audience_ids)
         if not (approved or dry_run or released or delete) and semantics == Semantics.INCREMENTAL:
             held = [i for i, _ in self.catalog.pending_for(record.feed, names, record.import_id)
@@ -395,8 +402,9 @@ class ImportService:
                     if same_date:
                         diff_rows, own_pairs = self._with_other_parts(con, record, rows_path, same_date,
                                                                       audience_ids, work)
-                diff = compute_diff(con, self.lake, record.import_id, keep, diff_rows, audience_ids,
-                                    current, record.received_at)
+                at = (datetime.now(UTC) if dry_run
+                      else self.catalog.import_instant(record, list(audience_ids.values()), floor))
+                diff = compute_diff(con, self.lake, record.import_id, keep, diff_rows, audience_ids, current, at)
                 pairs = diff.pairs if own_pairs is None else own_pairs
                 outcome = Outcome(
                     rows_total=summary.rows_total if summary else 0,
@@ -422,7 +430,7 @@ class ImportService:
                 try:
                     committed = self.catalog.commit_versions(
                         record, expected, diff.versions, outcome,
-                        max_audiences=self.workspace.feed(record.feed).max_audiences, delete=delete)
+                        max_audiences=self.workspace.feed(record.feed).max_audiences, delete=delete, at=at)
                 except CommitRefused as exc:
                     self._fail(record, f"{record.file_name}: {exc}")
                 if committed:
@@ -526,7 +534,7 @@ class ImportService:
         record = self.catalog.get_import(import_id)
         if record.status != ImportStatus.HELD:
             raise ValueError(f"import {import_id} is {record.status}, not held")
-        feed = self.workspace.feed(record.feed)
+        feed = self._feed(record)
         summary = self.validate(record)
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
         result = self._commit(record, Semantics(get_format(feed.format).semantics(feed)),
@@ -549,7 +557,7 @@ class ImportService:
             if status != ImportStatus.WAITING:
                 break  # another held import: the rest keep waiting behind it
             record = self.catalog.get_import(import_id)
-            feed = self.workspace.feed(feed_name)
+            feed = self._feed(record)
             summary = self.validate(record)
             audience_ids = self.catalog.audience_ids(feed_name, list(summary.audiences))
             result = self._commit(record, Semantics(get_format(feed.format).semantics(feed)),
@@ -568,7 +576,10 @@ class ImportService:
         return None
 
     def publish_outboxes(self, record: ImportRecord, audience_ids: dict[str, int] | None = None) -> list[str]:
-        """The downstream files of a committed import (idempotent: a re-run fills in what is missing)."""
+        """The downstream files of a committed import (idempotent: a re-run fills in what is missing). Full
+        lists only of the audiences whose current version is this import's. An audience whose name cannot be
+        a file name gets no file: the import stays succeeded, with the reason as a warning in its ``error``
+        column and an e-mail to the feed's admins."""
         outboxes = self.workspace.config.outboxes
         if record.status != ImportStatus.SUCCEEDED or not outboxes:
             return []
@@ -577,11 +588,17 @@ class ImportService:
         for audience_id in audience_ids.values():
             self.lake.fetch(self.lake.members_file(audience_id, record.import_id))
         self.lake.fetch(self.lake.events(record.import_id))
-        written = []
+        written, refused = [], []
         for outbox in outboxes:
             client = self.s3_client(outbox.s3) if self.s3_client and outbox.location.startswith("s3://") else None
-            written += write_outboxes([outbox], self.workspace.resolve, self.lake, record.import_id, record.feed,
-                                      audience_ids, record.finished_at, client)
+            published = write_outboxes([outbox], self.workspace.resolve, self.lake, self.catalog, record,
+                                       audience_ids, client)
+            written += published.written
+            refused += published.refused
+        for reason in refused:
+            self.catalog.add_import_warning(record.import_id, f"warning: {reason}")
+        if refused:
+            self.notifier.outbox_refused(self.catalog.get_import(record.import_id), refused)
         return written
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -647,6 +664,6 @@ class ImportService:
         rows = self.lake.staging(f"operation_{record.import_id}.parquet")
         write_rows(rows)
         try:
-            return self._commit(record, semantics, rows, audience_ids, None, **commit_options)
+            return self._commit(record, semantics, rows, audience_ids, None, floor=at, **commit_options)
         finally:
             rows.unlink(missing_ok=True)

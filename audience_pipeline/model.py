@@ -66,6 +66,7 @@ class CanonicalRows(pa.DataFrameModel):
     user_id: str = pa.Field(nullable=False)
     action: str = pa.Field(nullable=False, isin=[a.value for a in Action])
     expires_at: pl.Datetime(time_zone="UTC") = pa.Field(nullable=True)  # type: ignore[valid-type]
+    expires_in: pl.Int64 = pa.Field(nullable=True, gt=0)  # seconds from the import's instant (mediarithmics)
     data_bag: str = pa.Field(nullable=True)
     observed_at: pl.Datetime(time_zone="UTC") = pa.Field(nullable=True)  # type: ignore[valid-type]
     warning: str = pa.Field(nullable=True)

@@ -8,6 +8,7 @@ sensor never sends the same news twice.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import smtplib
@@ -51,6 +52,23 @@ class Notifier:
         else:
             lines.append(f"Rejected rows: audience-pipeline rejects {record.import_id}")
         return self.send(f"import:{record.import_id}:{record.status}", record.feed, subject, "\n".join(lines))
+
+    def outbox_refused(self, record: ImportRecord, reasons: list[str]) -> bool:
+        """Tell the feed's admins that a succeeded import left some outbox without its file, and why; once
+        per import and set of reasons, however often the import is published again."""
+        digest = hashlib.sha256("\n".join(sorted(reasons)).encode()).hexdigest()[:16]
+        lines = [
+            f"Feed:      {record.feed}",
+            f"File:      {record.file_name}",
+            f"Import:    {record.import_id} ({record.status}: the audiences are updated)",
+            "Not written:",
+            *(f"  - {reason}" for reason in reasons),
+            "The file name must be the audience id, so these audiences reach no outbox until their source "
+            "names them with a name that can be a file name.",
+        ]
+        return self.send(f"outbox:{record.import_id}:{digest}", record.feed,
+                         f"[audience_pipeline] {record.feed}: import {record.import_id} of {record.file_name} "
+                         "left outbox files unwritten", "\n".join(lines))
 
     def send(self, key: str, feed: str, subject: str, body: str) -> bool:
         recipients = self.recipients(feed)

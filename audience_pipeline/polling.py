@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from audience_pipeline.config import FeedConfig
+from audience_pipeline.config import DRY_RUN_FOLDER, FeedConfig
 from audience_pipeline.cursor import Cursor, plan_tick
 from audience_pipeline.formats import get_format
 from audience_pipeline.keys import partition_key
@@ -27,11 +27,12 @@ class Delivery:
     source_uri: str
     key: str
     size: int
+    profile: str | None = None  # the feed profile whose options apply (Loymax), from the file's folder
 
     @property
     def dry_run(self) -> bool:
         """Files under a feed's ``dryrun/`` prefix are diffed and gated, never applied."""
-        return self.key.startswith("dryrun/")
+        return self.key.startswith(f"{DRY_RUN_FOLDER}/")
 
     @property
     def run_key(self) -> str:
@@ -71,13 +72,15 @@ def poll_feed(feed_name: str, feed: FeedConfig, source: DropSource, cursor: Curs
         except SourceError:
             vanished.append(obj.key)
             continue
+        profile = profile_of(obj.key, feed)
         deliveries.append(
             Delivery(
                 partition_key=partition_key(feed_name, obj.name, digest),
-                delivery=f"source:{seen.version}",
+                delivery=profile_delivery(profile, f"source:{seen.version}"),
                 source_uri=seen.uri,
                 key=obj.key,
                 size=seen.size,
+                profile=profile,
             )
         )
     if hasattr(fmt, "group_name"):
@@ -89,6 +92,29 @@ def poll_feed(feed_name: str, feed: FeedConfig, source: DropSource, cursor: Curs
     plan.cursor.listed = listed
     return PollResult(deliveries=deliveries, cursor=plan.cursor, ignored=ignored, vanished=vanished,
                       backlog=plan.backlog, listed=listed, anomaly=anomaly)
+
+
+def profile_of(key: str, feed: FeedConfig) -> str | None:
+    """The profile a file's folder names: the first folder of its key (after ``dryrun/``), when the feed has
+    a profile of that name. Deeper folders inside a profile's folder are the profile's too, so a removal file
+    filed away one level down is never read as an add. Any other folder keeps its old meaning (none)."""
+    folders = key.split("/")[:-1]
+    if folders[:1] == [DRY_RUN_FOLDER]:
+        folders = folders[1:]
+    return folders[0] if folders and folders[0] in feed.profiles else None
+
+
+def profile_delivery(profile: str | None, delivery: str) -> str:
+    """The delivery id of a file read with a profile: the same object read with another profile (same
+    content, same version on S3 or SFTP) is another delivery, never a re-run of the first."""
+    return delivery if profile is None else f"profile:{profile}:{delivery}"
+
+
+def source_delivery(delivery: str) -> str:
+    """The delivery id without its profile: what names the object's version at the source."""
+    if delivery.startswith("profile:"):
+        return delivery.split(":", 2)[2]  # profile names have no ':' (config checks them)
+    return delivery
 
 
 def _group_parts(feed_name: str, feed: FeedConfig, fmt, deliveries: list[Delivery]) -> list[Delivery]:

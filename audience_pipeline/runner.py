@@ -18,12 +18,14 @@ from audience_pipeline.defs.assets import (
     TAG_FEED,
     TAG_FILE_NAME,
     TAG_ORIGIN,
+    TAG_PROFILE,
     TAG_SOURCE_URI,
     audience_files,
 )
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.hashing import sha256_file
 from audience_pipeline.keys import parse_partition_key, partition_key
+from audience_pipeline.polling import profile_delivery
 from audience_pipeline.storage.catalog import ImportRecord
 from audience_pipeline.workspace_setup import prepare
 
@@ -114,14 +116,17 @@ class Runner:
             self.reasons[record.import_id] = f"run {result.run_id}: {reason}"
         return record
 
-    def import_file(self, feed: str, path: Path, dry_run: bool = False) -> ImportRecord:
-        """A delivery by hand: always a new delivery, so identical content is reported as skipped."""
-        self.workspace.feed(feed)
+    def import_file(self, feed: str, path: Path, dry_run: bool = False, profile: str | None = None) -> ImportRecord:
+        """A delivery by hand: always a new delivery, so identical content is reported as skipped. ``profile``:
+        one of the feed's profiles, as if the file had landed in ``<drop>/<profile>/`` (ConfigError if the
+        feed has no such profile, before anything runs)."""
+        self.workspace.feed(feed).for_profile(profile)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         pkey = partition_key(feed, path.name, sha256_file(path))
-        return self.run(pkey, f"cli:{uuid.uuid4().hex}", path.resolve().as_uri(),
-                        {TAG_ORIGIN: "cli", **({TAG_DRY_RUN: "true"} if dry_run else {})})
+        return self.run(pkey, profile_delivery(profile, f"cli:{uuid.uuid4().hex}"), path.resolve().as_uri(),
+                        {TAG_ORIGIN: "cli", **({TAG_DRY_RUN: "true"} if dry_run else {}),
+                         **({TAG_PROFILE: profile} if profile else {})})
 
     def reimport(self, import_id: int) -> ImportRecord:
         """Apply the list of an earlier import again (a rollback), as a new import that passes the gate."""
@@ -131,8 +136,11 @@ class Runner:
         raw = self.service.lake.raw_path(earlier.sha256)
         if not self.service.lake.fetch(raw):
             raise ValueError(f"the raw file of import {import_id} is no longer archived (retention)")
-        return self.run(earlier.partition_key, f"reimport:{import_id}:{uuid.uuid4().hex}", raw.resolve().as_uri(),
-                        {TAG_FILE_NAME: earlier.file_name, TAG_ORIGIN: "cli"})
+        # read as it was the first time: a removal file re-imported without its profile would add
+        delivery = profile_delivery(earlier.profile, f"reimport:{import_id}:{uuid.uuid4().hex}")
+        return self.run(earlier.partition_key, delivery, raw.resolve().as_uri(),
+                        {TAG_FILE_NAME: earlier.file_name, TAG_ORIGIN: "cli",
+                         **({TAG_PROFILE: earlier.profile} if earlier.profile else {})})
 
     def poll(self, feed: str) -> list[ImportRecord]:
         """One evaluation of the feed's sensor, and the runs it asks for. The cursor is the one this

@@ -3,8 +3,8 @@ processes at once, against one catalog and one lake, then checked against the se
 same files in the order they arrived.
 
 Half the audiences come from a Repro feed (full lists with no list time: the last list to arrive wins),
-half from an ODP feed (full lists stamped with `ts`, delivered out of order: an older list arriving after
-a newer one is skipped as stale). Run directly for figures:
+half from an ODP feed (full lists stamped with `ts`, delivered out of order, with `skip_older_ts`: an older
+list arriving after a newer one is skipped as stale). Run directly for figures:
 
     python -m audience_pipeline_tests.simulation --catalog postgresql://... --audiences 200 --imports 1000
 """
@@ -44,7 +44,9 @@ def write_workspace(root: Path, catalog: str | None) -> Path:
                     "lock_timeout_seconds": 600},
         "feeds": {
             "repro": {"format": "repro", "source": "drop/repro"},
-            "odp": {"format": "odp", "source": "drop/odp", "id_field": "a_high_confidence_identifier"},
+            # a producer that stamps every row with the list's compute time: older lists are stale
+            "odp": {"format": "odp", "source": "drop/odp", "id_field": "a_high_confidence_identifier",
+                    "skip_older_ts": True},
         },
     }
     for feed in config["feeds"]:

@@ -96,7 +96,12 @@ def test_expiry_duration_ts_and_precedence(mics):
     record = mics.import_file("exp.ndjson", text, feed="mics")
     expiries = dict(mics.query("SELECT user_id, expires_at FROM members WHERE audience_name = 'exp'"))
     assert set(expiries) == {"U1", "U2"}  # an expiry already past is not a membership
-    assert expiries["U1"] == record.received_at + timedelta(minutes=60)  # duration counts from received_at
+    # a duration counts from the import's instant: when its events happen and its version starts
+    assert expiries["U1"] == record.applied_at + timedelta(minutes=60)
+    assert mics.query("SELECT DISTINCT event_at FROM membership_events WHERE import_id = ?", [record.import_id]) == [
+        (record.applied_at,)]
+    assert mics.query("SELECT valid_from FROM audience_versions WHERE import_id = ?", [record.import_id]) == [
+        (record.applied_at,)]
     assert int(expiries["U2"].timestamp() * 1000) == future_ms  # expiration_ts wins over the duration
     assert mics.query("SELECT line_number, reason FROM rejected_rows WHERE import_id = ?", [record.import_id]) == [
         (4, "expiration_ts_unit")]
@@ -116,7 +121,7 @@ def test_the_last_update_replaces_expiry_and_data_bag_even_with_none(mics):
     rows = {u: (e, b) for u, e, b in mics.query(
         "SELECT user_id, expires_at, data_bag FROM members WHERE audience_name = 'last'")}
     assert rows["U1"] == (None, None)
-    assert rows["U2"] == (record.received_at + timedelta(minutes=30), json.dumps({"tier": "new"}))
+    assert rows["U2"] == (record.applied_at + timedelta(minutes=30), json.dumps({"tier": "new"}))
 
 
 def test_bad_lines_are_rejected_with_reasons(mics):

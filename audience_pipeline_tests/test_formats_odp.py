@@ -1,6 +1,7 @@
 """Optimizely ODP files (seed 001) through the real pipeline, asserted on the analyst views."""
 
 import gzip
+from datetime import UTC, datetime
 
 import pytest
 
@@ -86,6 +87,11 @@ def test_lists_apply_in_arrival_order_whatever_their_ts(odp):
     assert odp.members("seg") == {"user_1"}
     assert odp.query("SELECT action, user_id FROM membership_events WHERE import_id = ?", [record.import_id]) == [
         ("disqualify", "user_2")]
+    # ts stays queryable: the newest per version, and each qualify event's own
+    assert odp.query("SELECT list_time FROM audience_versions WHERE audience_name = 'seg' ORDER BY version") == [
+        (datetime.fromtimestamp(1748851999, UTC),), (datetime.fromtimestamp(1748851070, UTC),)]
+    assert odp.query("SELECT user_id, observed_at FROM membership_events WHERE action = 'qualify' ORDER BY 1") == [
+        ("user_1", datetime.fromtimestamp(1748851070, UTC)), ("user_2", datetime.fromtimestamp(1748851999, UTC))]
 
 
 def test_skip_older_ts_is_an_opt_in(make_env):

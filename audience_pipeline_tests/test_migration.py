@@ -50,7 +50,7 @@ def test_a_0_1_0_catalog_is_migrated_in_place(make_env, catalog_location, tmp_pa
         columns = [r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'imports' "
             "ORDER BY ordinal_position").fetchall()]
-    assert columns[-2:] == ["holder", "alive_at"] and "status" in columns
+    assert columns[-4:] == ["holder", "alive_at", "applied_at", "profile"] and "status" in columns
     failed = catalog.get_import(1)
     assert (failed.status, failed.error, failed.holder) == ("failed", "empty file", None)
 
@@ -61,3 +61,33 @@ def test_a_0_1_0_catalog_is_migrated_in_place(make_env, catalog_location, tmp_pa
     assert stranded.status == "abandoned" and "holder (unknown) died" in stranded.error
     assert env.query("SELECT import_id, status FROM imports ORDER BY 1") == [
         (1, "failed"), (2, "abandoned"), (3, "succeeded")]
+
+
+def test_an_older_views_file_and_placeholder_are_rewritten(make_env, tmp_path):
+    """The analytics file and the lake's empty placeholders of an older version are replaced when the
+    workspace is prepared (by rename: an analyst's open session keeps the old file)."""
+    from audience_pipeline.storage.lake import Lake
+    from audience_pipeline.storage.views import VIEWS_VERSION
+    from audience_pipeline.workspace_setup import prepare
+
+    env = make_env(base_config())
+    env.import_file("a.csv", "u1\n")
+    analytics = env.workspace.analytics
+    analytics.unlink()
+    old = duckdb.connect(str(analytics))
+    old.execute("CREATE VIEW audience_versions AS SELECT 1 AS audience_id")  # views of 0.1.0 had no version
+    old.close()
+    placeholder = Lake(env.workspace.lake).events(0)
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT 1::BIGINT AS audience_id LIMIT 0) TO '{placeholder}' (FORMAT parquet)")
+    con.close()
+    held = duckdb.connect(str(analytics), read_only=True)  # an analyst's session on the old file
+    try:
+        assert prepare(env.workspace) is True
+        assert held.execute("SELECT count(*) FROM audience_versions").fetchone() == (1,)
+    finally:
+        held.close()
+    assert env.query("SELECT views_version()") == [(VIEWS_VERSION,)]
+    assert env.query("SELECT audience_name, list_time FROM audience_versions") == [("a", None)]
+    assert env.query("SELECT user_id, observed_at FROM membership_events") == [("u1", None)]
+    assert prepare(env.workspace) is False  # current: left alone

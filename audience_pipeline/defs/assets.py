@@ -13,6 +13,7 @@ TAG_DRY_RUN = "audience_pipeline/dry_run"
 TAG_FEED = "audience_pipeline/feed"
 TAG_ATTEMPT = "audience_pipeline/attempt"  # a sensor's retry of a delivery whose run failed or was abandoned
 TAG_ORIGIN = "audience_pipeline/origin"  # "cli" for runs of `audience-pipeline import` and `reimport`
+TAG_PROFILE = "audience_pipeline/profile"  # the feed profile (Loymax) whose options apply to the file
 
 
 def _delivery(context: dg.AssetExecutionContext) -> str | None:
@@ -95,15 +96,17 @@ def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: Aud
     """The delivered file exactly as it landed, copied into the immutable, content-addressed raw archive.
 
     One partition per imported file version (`<feed>:<file name>:<8 hex of sha256>`). A run started by
-    a sensor or `audience-pipeline import` carries the delivery in its tags; a manual re-materialization
-    re-reports the partition's latest import and changes nothing.
+    a sensor or `audience-pipeline import` carries the delivery in its tags, and the feed profile whose
+    options apply (Loymax: `<drop>/<profile>/` or `--profile`), which the import records; a manual
+    re-materialization re-reports the partition's latest import and changes nothing.
     """
     service = audience_workspace.service()
     delivery, uri = _delivery(context), context.run.tags.get(TAG_SOURCE_URI)
     try:
         if delivery and uri:
             record = service.receive(context.partition_key, delivery, uri, context.run.run_id,
-                                     file_name=context.run.tags.get(TAG_FILE_NAME))
+                                     file_name=context.run.tags.get(TAG_FILE_NAME),
+                                     profile=context.run.tags.get(TAG_PROFILE))
         else:
             record = _record(context, service)
     except ImportFailed as exc:

@@ -11,6 +11,7 @@ from audience_pipeline.defs.assets import (
     TAG_FEED,
     TAG_FILE_NAME,
     TAG_ORIGIN,
+    TAG_PROFILE,
     TAG_SOURCE_URI,
     audience_files,
     audience_import_job,
@@ -75,6 +76,7 @@ def build_feed_sensor(feed_name: str, feed: FeedConfig) -> dg.SensorDefinition:
                     partition_key=d.partition_key,
                     tags={TAG_DELIVERY: d.delivery, TAG_SOURCE_URI: d.source_uri, TAG_FEED: feed_name,
                           **({TAG_DRY_RUN: "true"} if d.dry_run else {}),
+                          **({TAG_PROFILE: d.profile} if d.profile else {}),
                           **({TAG_FILE_NAME: d.key} if d.delivery.startswith("parts:") else {})},
                 )
                 for d in result.deliveries

@@ -13,7 +13,8 @@ A format module provides:
 - ``identifier_types(feed) -> list[str]``: the identifier types its rows can carry (registry resolution);
 - ``decode(raw_path, file_name, feed, work_dir) -> Path``: the file as text (e.g. gunzipped, capped);
 - ``parse_query(text_path, file_name, feed, work_dir, received_at) -> (sql, params)``: one DuckDB SELECT producing the
-  parsed rows with the columns in ``PARSED_COLUMNS``; a row the format itself cannot use carries a
+  parsed rows with the columns in ``PARSED_COLUMNS`` (``expires_at`` an instant, or ``expires_in`` seconds
+  from the import's instant); a row the format itself cannot use carries a
   ``reject_reason``. It may write intermediate files into ``work_dir``. Its parameters are named
   (``$<format>_<name>``) so that queries can be nested without re-ordering.
 
@@ -36,6 +37,7 @@ PARSED_COLUMNS = (
     "identifier",
     "action",
     "expires_at",
+    "expires_in",
     "data_bag",
     "observed_at",
     "warning",

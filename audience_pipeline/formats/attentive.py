@@ -163,7 +163,8 @@ SEGMENT_CHECKS = """
 EMAIL_SQL = """
     WITH s AS ({split})
     SELECT source_line, line AS raw, segment AS audience_key, $att_type::VARCHAR AS identifier_type,
-           lower(ident) AS identifier, 'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag,
+           lower(ident) AS identifier, 'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
+           NULL::VARCHAR AS data_bag,
            $att_listed::TIMESTAMPTZ AS observed_at, NULL::VARCHAR AS warning,
            CASE
                WHEN l = '' THEN 'blank_line'
@@ -191,7 +192,8 @@ PHONE_SQL = r"""
         FROM s LEFT JOIN read_parquet($att_map) m ON m.ident = s.ident
     )
     SELECT source_line, line AS raw, segment AS audience_key, $att_type::VARCHAR AS identifier_type,
-           e164 AS identifier, 'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::VARCHAR AS data_bag,
+           e164 AS identifier, 'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
+           NULL::VARCHAR AS data_bag,
            $att_listed::TIMESTAMPTZ AS observed_at,
            CASE WHEN e164 IS NOT NULL AND NOT coalesce(
                     mapped_valid,

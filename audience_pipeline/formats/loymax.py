@@ -6,6 +6,10 @@ feed's ``audience`` or else the file name (without ``.csv``/``.txt``). Mode 2 (`
 seed's mode-1 example ends its lines with one; the ``##`` around the examples is wiki markup, not data).
 Loymax *assigns* audiences, so files add customers by default (``incremental``); ``action: remove`` files
 take them out, and ``action: replace`` files are full lists of the audiences they name.
+
+Loymax asks for the mode, the identifier type and the action on every upload, so a feed may name such choices
+as ``profiles``; the ``feed`` given to these functions is then already the profile's options
+(``FeedConfig.for_profile``), and nothing here needs to know which profile it is.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def parse_query(text_path: Path, file_name: str, feed, work_dir: Path, received_
                $loymax_identifier_type::VARCHAR AS identifier_type,
                f1 AS identifier,
                $loymax_action::VARCHAR AS action,
-               NULL::TIMESTAMPTZ AS expires_at,
+               NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
                NULL::VARCHAR AS data_bag,
                NULL::TIMESTAMPTZ AS observed_at,
                NULL::VARCHAR AS warning,

@@ -9,7 +9,8 @@ Expiry: ``expiration_ts`` is epoch **milliseconds**, the unit of every timestamp
 value below 10^11 (a date before 1973 in ms, but a plausible epoch *seconds* value) is rejected as
 ``expiration_ts_unit`` rather than silently expiring the membership in 1970. A non-zero ``expiration_ts``
 wins over ``expiration_duration`` (it is the explicit instant); ``expiration_duration`` counts minutes from
-the import's received_at, so a re-run computes the same instant; 0 in either means never.
+the import's instant (chosen once when it is applied, so a re-run computes the same expiry); 0 in either
+means never.
 The CSV form has a header row with the field names of the NDJSON form, in any order.
 """
 
@@ -89,9 +90,9 @@ COMMANDS = """
                 THEN coalesce(compartment_id || ':', '') || user_account_id
                 ELSE coalesce(email_hash, user_agent_id) END AS identifier,
            CASE op WHEN 'DELETE' THEN 'remove' ELSE 'add' END AS action,
-           CASE WHEN expiry_ms > 0 THEN make_timestamptz(expiry_ms * 1000)
-                WHEN duration > 0 THEN $mics_received_at::TIMESTAMPTZ + to_minutes(duration)
-           END AS expires_at,
+           CASE WHEN expiry_ms > 0 THEN make_timestamptz(expiry_ms * 1000) END AS expires_at,
+           -- a duration counts from the import's instant, chosen when the import is applied (importer)
+           CASE WHEN coalesce(expiry_ms, 0) <= 0 AND duration > 0 THEN duration * 60 END AS expires_in,
            data_bag,
            NULL::TIMESTAMPTZ AS observed_at,
            NULL::VARCHAR AS warning,
@@ -137,8 +138,7 @@ def _csv_source(columns: list[str]) -> str:
 
 def parse_query(text_path: Path, file_name: str, feed, work_dir: Path, received_at) -> tuple[str, dict]:
     kind = _kind(file_name, feed)
-    params = {"mics_replacement": REPLACEMENT_CHARACTER, "mics_min_ms": MIN_MILLISECONDS,
-              "mics_received_at": received_at}
+    params = {"mics_replacement": REPLACEMENT_CHARACTER, "mics_min_ms": MIN_MILLISECONDS}
     if kind == "ndjson":
         with open(text_path, "rb") as fh:
             head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")

@@ -80,7 +80,7 @@ def parse_query(text_path: Path, file_name: str, feed, work_dir: Path, received_
                $odp_id_field::VARCHAR AS identifier_type,
                value AS identifier,
                CASE act WHEN 'disqualify' THEN 'remove' ELSE 'add' END AS action,
-               NULL::TIMESTAMPTZ AS expires_at,
+               NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
                NULL::VARCHAR AS data_bag,
                to_timestamp(TRY_CAST(ts_text AS BIGINT)) AS observed_at,
                NULL::VARCHAR AS warning,

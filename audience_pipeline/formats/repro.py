@@ -60,7 +60,7 @@ def parse_query(raw_path: Path, file_name: str, feed, work_dir: Path, received_a
             $repro_identifier_type::VARCHAR AS identifier_type,
             value AS identifier,
             'add' AS action,
-            NULL::TIMESTAMPTZ AS expires_at,
+            NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
             NULL::VARCHAR AS data_bag,
             NULL::TIMESTAMPTZ AS observed_at,
             NULL::VARCHAR AS warning,

@@ -66,6 +66,8 @@ class ImportRecord:
     finished_at: datetime | None
     holder: str | None = None  # the process working on it: run, pid and host (storage.liveness)
     alive_at: datetime | None = None  # its last sign of life: the last step it recorded
+    applied_at: datetime | None = None  # its one instant: events' event_at and its versions' valid_from
+    profile: str | None = None  # the feed profile whose options the file was read with (Loymax)
 
     @property
     def finished(self) -> bool:
@@ -175,9 +177,11 @@ class Catalog:
         semantics: str,
         run_id: str | None,
         received_at: datetime,
+        profile: str | None = None,
     ) -> ImportRecord:
         """The import of this delivery, created on first sight (get-or-create, so re-runs converge), held by
-        this process until it ends; an unfinished one (abandoned, or its holder dead) is taken over."""
+        this process until it ends; an unfinished one (abandoned, or its holder dead) is taken over.
+        ``profile``: the feed profile the file is read with, recorded with it."""
         self.hold(partition_key, delivery)
         with self.transaction() as con:
             existing = self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
@@ -185,7 +189,7 @@ class Catalog:
                 con.execute(
                     sql.INSERT_IMPORT,
                     [partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes, semantics, run_id,
-                     received_at, describe_holder(run_id), _now(con)],
+                     received_at, describe_holder(run_id), _now(con), profile],
                 )
                 # another node may have opened it in between: either way, this is the delivery's import
                 return self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
@@ -329,7 +333,8 @@ class Catalog:
         """The member count the file's audiences hold when they all hold this content, else None."""
         rows = con.execute(
             sql.SKIP_CANDIDATES,
-            [record.feed, record.file_name, record.sha256, record.sha256, users_sha256],
+            [record.feed, record.file_name, record.sha256, record.profile, record.sha256, users_sha256,
+             record.profile],
         ).fetchall()
         if rows and all(holds for _, holds, _ in rows):
             return sum(count for _, _, count in rows)
@@ -352,6 +357,22 @@ class Catalog:
                          "content identical to the list currently applied", _now(con))
         return self._published(record.import_id)
 
+    def import_instant(self, record: ImportRecord, audience_ids: list[int], floor: datetime | None = None) -> datetime:
+        """The one instant of an import, chosen under its audience locks after the earlier imports of its
+        audiences committed: the time of its events and the start of its versions (and of relative expiries).
+        Recorded, so a re-run after a crash reuses it, unless another import of its audiences committed
+        since (a version must never start before the one it closes). ``floor``: not before this (a sweep
+        of expiries due at a given instant)."""
+        with self.transaction() as con:
+            (latest,) = con.execute(sql.LATEST_VALID_FROM, [audience_ids]).fetchone()
+            (recorded,) = con.execute("SELECT applied_at FROM imports WHERE import_id = ?",
+                                      [record.import_id]).fetchone()
+            if recorded is not None and (latest is None or recorded >= latest) and (floor is None or recorded >= floor):
+                return recorded
+            at = max(t for t in (_now(con), latest, floor) if t is not None)
+            con.execute(sql.SET_APPLIED_AT, [at, record.import_id])
+        return at
+
     def commit_versions(
         self,
         record: ImportRecord,
@@ -360,6 +381,7 @@ class Catalog:
         outcome: Outcome,
         max_audiences: int | None = None,
         delete: bool = False,
+        at: datetime | None = None,
     ) -> bool:
         """Apply new audience versions and close the import, in one transaction, then publish.
 
@@ -368,9 +390,12 @@ class Catalog:
         again against the new state. The audience rules are checked in the same transaction:
         :class:`CommitRefused` when a deleted audience is named or the feed's audience limit would be
         passed. With ``delete``, the audiences are marked deleted (their empty versions are the removal).
+        ``at``: the import's instant (:meth:`import_instant`), where its versions start and the ones they
+        replace end, so versions of an audience never overlap nor leave gaps.
         """
         with self.transaction() as con:
             now = _now(con)
+            at = at or now
             (status,) = con.execute(sql.OWN_STATUS, [record.import_id]).fetchone()
             if status not in (ImportStatus.RECEIVED, ImportStatus.HELD, ImportStatus.WAITING):
                 return False  # found dead (a lost connection) and abandoned meanwhile: nothing is written
@@ -392,11 +417,11 @@ class Catalog:
             if delete:
                 con.execute(sql.MARK_DELETED, [list(expected)])
             for v in versions:
-                con.execute(sql.CLOSE_VERSION, [now, v.audience_id])
+                con.execute(sql.CLOSE_VERSION, [at, v.audience_id])
                 con.execute(
                     sql.INSERT_VERSION,
                     [v.audience_id, record.import_id, record.import_id, record.sha256 or f"import:{record.import_id}",
-                     outcome.users_sha256, v.member_count, v.qualified, v.disqualified, now, v.list_time,
+                     outcome.users_sha256, v.member_count, v.qualified, v.disqualified, at, v.list_time,
                      v.next_expiry],
                 )
             self._finish(con, record.import_id, "succeeded", outcome, None, now)
@@ -625,6 +650,16 @@ class Catalog:
                 con.execute(sql.MARK_VERSION_DELETED, [audience_id, version])
             removed += 1
         return removed
+
+    def add_import_warning(self, import_id: int, text: str) -> bool:
+        """Record a warning on a succeeded import (it stays succeeded): the text joins its ``error`` column,
+        once, and is published to the activity log. False when it was there already."""
+        with self.transaction() as con:
+            added = con.execute(sql.ADD_IMPORT_WARNING, [text, import_id, text]).fetchall()
+        if added:
+            with self.session() as con:
+                self.export_snapshot(con)
+        return bool(added)
 
 
 class _LostRace(Exception):

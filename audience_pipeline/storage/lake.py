@@ -27,7 +27,8 @@ from audience_pipeline.storage.remote import RemoteStore
 
 MEMBERS_SCHEMA = "user_id VARCHAR, qualified_at TIMESTAMPTZ, expires_at TIMESTAMPTZ, data_bag VARCHAR"
 EVENTS_SCHEMA = (
-    "audience_id BIGINT, user_id VARCHAR, action VARCHAR, event_at TIMESTAMPTZ, source_line BIGINT"
+    "audience_id BIGINT, user_id VARCHAR, action VARCHAR, event_at TIMESTAMPTZ, source_line BIGINT, "
+    "observed_at TIMESTAMPTZ"
 )
 REJECTED_SCHEMA = "line_number BIGINT, reason VARCHAR, raw VARCHAR"
 
@@ -150,7 +151,8 @@ class Lake:
                 (self.events(0), EVENTS_SCHEMA),
                 (self.rejected(0), REJECTED_SCHEMA),
             ):
-                if not path.exists():
+                # a placeholder of an older schema is rewritten: it gives the views their columns
+                if not path.exists() or _columns(con, path) != _schema_columns(schema):
                     _write_empty(con, path, schema)
                     self.publish(path)
         finally:
@@ -164,6 +166,14 @@ class Lake:
         if final.exists():
             shutil.rmtree(final)
         os.replace(staged, final)
+
+
+def _columns(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
+    return [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+
+
+def _schema_columns(schema: str) -> list[str]:
+    return [column.split()[0] for column in schema.split(",")]
 
 
 def _write_empty(con: duckdb.DuckDBPyConnection, path: Path, schema: str) -> None:

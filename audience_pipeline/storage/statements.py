@@ -71,8 +71,10 @@ CREATE TABLE IF NOT EXISTS erasures (
 );
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS holder VARCHAR;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS alive_at TIMESTAMPTZ;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS applied_at TIMESTAMPTZ;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS profile VARCHAR;
 """
-# The two ALTERs are the migration of catalogs made before liveness (0.1.0); a new catalog gets its columns
+# The ALTERs are the migration of catalogs made before liveness (0.1.0); a new catalog gets its columns
 # the same way, so that old and new catalogs have the same column order.
 
 GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
@@ -84,8 +86,8 @@ GET_IMPORT = "SELECT * FROM imports WHERE import_id = ?"
 
 INSERT_IMPORT = """
 INSERT INTO imports (import_id, partition_key, delivery, feed, source_uri, file_name, sha256, size_bytes,
-                     semantics, status, run_id, received_at, holder, alive_at)
-VALUES (nextval('import_ids'), ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)
+                     semantics, status, run_id, received_at, holder, alive_at, profile)
+VALUES (nextval('import_ids'), ?, ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)
 ON CONFLICT (partition_key, delivery) DO NOTHING
 RETURNING import_id
 """
@@ -126,15 +128,20 @@ SELECT audience_id, version, sha256, users_sha256, list_time, member_count FROM 
 WHERE valid_to IS NULL AND audience_id = ANY(CAST(? AS BIGINT[]))
 """
 
-# Audiences a file with this name and content was applied to before, and whether each still holds it.
+# Audiences a file with this name, content and profile was applied to before, and whether each still holds
+# it. The profile is part of the key: the same content read as a removal (another profile) is another list,
+# and after that removal the add's content is no longer what the audience holds.
 SKIP_CANDIDATES = """
 WITH earlier AS (
     SELECT DISTINCT v.audience_id
     FROM audience_versions v JOIN imports i ON i.import_id = v.import_id
-    WHERE i.feed = ? AND i.file_name = ? AND v.sha256 = ?
+    WHERE i.feed = ? AND i.file_name = ? AND v.sha256 = ? AND i.profile IS NOT DISTINCT FROM ?
 )
-SELECT e.audience_id, c.sha256 = ? AND c.users_sha256 IS NOT DISTINCT FROM ? AS holds, c.member_count
+SELECT e.audience_id,
+       c.sha256 = ? AND c.users_sha256 IS NOT DISTINCT FROM ? AND ci.profile IS NOT DISTINCT FROM ? AS holds,
+       c.member_count
 FROM earlier e LEFT JOIN audience_versions c ON c.audience_id = e.audience_id AND c.valid_to IS NULL
+LEFT JOIN imports ci ON ci.import_id = c.import_id
 """
 
 CLOSE_VERSION = "UPDATE audience_versions SET valid_to = ? WHERE audience_id = ? AND valid_to IS NULL"
@@ -153,7 +160,8 @@ MARK_VERSION_DELETED = "UPDATE audience_versions SET files_deleted = true WHERE 
 # One Parquet file holds every committed fact analysts see, so that replacing it is a single commit point.
 SNAPSHOT = """
 SELECT 'version' AS record, v.audience_id, a.name AS audience_name, a.feed, a.status AS audience_status,
-       v.version, v.import_id, v.sha256, v.member_count, v.qualified, v.disqualified, v.valid_from, v.valid_to
+       v.version, v.import_id, v.sha256, v.member_count, v.qualified, v.disqualified, v.valid_from, v.valid_to,
+       v.list_time
 FROM audience_versions v JOIN audiences a USING (audience_id)
 UNION ALL BY NAME
 SELECT 'import' AS record, import_id, feed, source_uri, file_name, sha256, size_bytes, semantics, status,
@@ -209,7 +217,7 @@ SET_PENDING = """
 UPDATE imports SET status = ?, error = ?, qualified = ?, disqualified = ?, members = ?,
        audiences = CAST(? AS VARCHAR[]),
        rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?, unmatched = ?, users_sha256 = ?,
-       finished_at = ?
+       finished_at = ?, applied_at = NULL
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
@@ -261,4 +269,19 @@ UPDATE imports SET audiences = CAST(? AS VARCHAR[]), alive_at = ? WHERE import_i
 APPLIED_IMPORTS = """
 SELECT i.* FROM audience_versions v JOIN imports i ON i.import_id = v.import_id
 WHERE v.audience_id = ? AND i.status = 'succeeded' ORDER BY v.version DESC
+"""
+
+# The newest valid_from among these audiences' current versions: an import's instant is never before it.
+LATEST_VALID_FROM = """
+SELECT max(valid_from) FROM audience_versions
+WHERE valid_to IS NULL AND audience_id = ANY(CAST(? AS BIGINT[]))
+"""
+SET_APPLIED_AT = "UPDATE imports SET applied_at = ? WHERE import_id = ?"
+
+# A warning about a succeeded import (an outbox file it could not write): the import stays succeeded and the
+# text joins its error column, once however often the import is published again.
+ADD_IMPORT_WARNING = """
+UPDATE imports SET error = coalesce(error || '; ', '') || CAST(? AS VARCHAR)
+WHERE import_id = ? AND status = 'succeeded' AND (error IS NULL OR strpos(error, CAST(? AS VARCHAR)) = 0)
+RETURNING import_id
 """

@@ -15,8 +15,12 @@ import duckdb
 from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage.lake import Lake
 
+# Raised whenever a view's columns change: an analytics file of another version is rewritten (by rename, so
+# sessions holding the old one keep it) the next time the workspace is prepared.
+VIEWS_VERSION = 2
 
-def _scan(sources: list[str]) -> str:
+
+def _scan(sources: list[str], union_by_name: bool = False) -> str:
     """A scan of the real partitions first and the empty placeholder last.
 
     DuckDB estimates a multi-file scan's size from its first file. With the placeholder first, every
@@ -26,22 +30,38 @@ def _scan(sources: list[str]) -> str:
     join's dynamic filter on (audience_id, version) leaves DuckDB one folder to read.
     """
     listed = ", ".join(quote_literal(s) for s in sources)
-    return f"read_parquet([{listed}], hive_partitioning = true, allow_empty = true)"
+    union = ", union_by_name = true" if union_by_name else ""
+    return f"read_parquet([{listed}], hive_partitioning = true, allow_empty = true{union})"
 
 
 def view_statements(lake: Lake) -> list[str]:
     glob = quote_literal(lake.snapshots_glob)
     # The newest snapshot folder is found from the file names alone (no file is opened), and the filter on
     # the hive column prunes every other snapshot from the scan.
-    snapshot = (
-        f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true) WHERE seq = "
-        f"(SELECT max(regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT) FROM glob({glob})))"
-    )
-    members, events, rejected = (_scan(s) for s in (lake.members_sources, lake.events_sources, lake.rejected_sources))
+    newest = f"(SELECT max(regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT) FROM glob({glob}))"
+    snapshot = f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true) WHERE seq = {newest})"
+    # Snapshots written before list_time existed can outlive an upgrade by SNAPSHOT_GRACE_SECONDS, and a scan
+    # takes its columns from its first file: union_by_name for the one view that reads list_time. (Not for
+    # the others: it keeps the members views from pruning their scans to one version's folder.)
+    versions = (f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true, union_by_name = true)"
+                f" WHERE seq = {newest})")
+    members, rejected = _scan(lake.members_sources), _scan(lake.rejected_sources)
+    events = _scan(lake.events_sources, union_by_name=True)  # observed_at came with views version 2
+    # an audience is (feed, name): the optional third argument keeps two feeds' audiences of one name apart
+    as_of = f"""
+            SELECT m.user_id
+            FROM {members} m
+            JOIN (SELECT audience_id, version FROM {snapshot}
+                  WHERE record = 'version' AND audience_name = name AND (feed_name IS NULL OR feed = feed_name)
+                    AND valid_from <= ts::TIMESTAMPTZ AND (valid_to IS NULL OR valid_to > ts::TIMESTAMPTZ)) v
+              ON m.audience_id = v.audience_id AND m.version = v.version
+            WHERE m.expires_at IS NULL OR m.expires_at > ts::TIMESTAMPTZ"""
     return [
         "SET TimeZone = 'UTC'",
+        f"CREATE MACRO views_version() AS {VIEWS_VERSION}",
         f"CREATE VIEW audience_versions AS SELECT audience_id, audience_name, feed, version, import_id, sha256,"
-        f" member_count, qualified, disqualified, valid_from, valid_to FROM {snapshot} WHERE record = 'version'",
+        f" member_count, qualified, disqualified, valid_from, valid_to, list_time FROM {versions}"
+        f" WHERE record = 'version'",
         f"""CREATE VIEW imports AS
             SELECT import_id, feed, source_uri, file_name, sha256, status, rows_total, rows_valid, rows_rejected,
                    duplicates, unmatched, qualified, disqualified, error, received_at, finished_at,
@@ -67,7 +87,7 @@ def view_statements(lake: Lake) -> list[str]:
             WHERE m.expires_at IS NULL OR m.expires_at > now()""",
         f"""CREATE VIEW membership_events AS
             SELECT e.audience_id, v.audience_name, e.user_id, e.action, e.import_id, e.event_at,
-                   i.file_name AS source_file, e.source_line
+                   i.file_name AS source_file, e.source_line, e.observed_at
             FROM {events} e
             JOIN (SELECT import_id, file_name FROM {snapshot}
                   WHERE record = 'import' AND status = 'succeeded') i ON i.import_id = e.import_id
@@ -79,14 +99,7 @@ def view_statements(lake: Lake) -> list[str]:
             SEMI JOIN (SELECT import_id FROM {snapshot} WHERE record = 'import') i ON i.import_id = r.import_id""",
         """CREATE VIEW user_audiences AS
             SELECT user_id, audience_id, audience_name, qualified_at FROM members""",
-        f"""CREATE MACRO members_as_of(name, ts) AS TABLE
-            SELECT m.user_id
-            FROM {members} m
-            JOIN (SELECT audience_id, version FROM {snapshot}
-                  WHERE record = 'version' AND audience_name = name
-                    AND valid_from <= ts::TIMESTAMPTZ AND (valid_to IS NULL OR valid_to > ts::TIMESTAMPTZ)) v
-              ON m.audience_id = v.audience_id AND m.version = v.version
-            WHERE m.expires_at IS NULL OR m.expires_at > ts::TIMESTAMPTZ""",
+        f"CREATE MACRO members_as_of(name, ts, feed_name := NULL) AS TABLE {as_of}",
     ]
 
 
@@ -104,9 +117,23 @@ def analytics_script(lake: Lake) -> str:
     return S3_PREAMBLE + "".join(f"{' '.join(s.split())};\n" for s in statements)
 
 
+def _version(path: Path) -> int | None:
+    """The views version of an analytics file (read-only, so an analyst's open session does not block it)."""
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error:
+        return None
+    try:
+        return con.execute("SELECT views_version()").fetchone()[0]
+    except duckdb.Error:
+        return None  # written before views had a version
+    finally:
+        con.close()
+
+
 def write_analytics(path: Path, lake: Lake, replace: bool = False) -> bool:
     """Create the views file; returns False when it exists and ``replace`` was not asked for."""
-    if path.exists() and not replace:
+    if path.exists() and not replace and _version(path) == VIEWS_VERSION:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
