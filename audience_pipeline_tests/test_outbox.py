@@ -150,31 +150,6 @@ def test_rerun_of_an_older_import_never_puts_its_list_back(make_env, tmp_path):
     assert listed(full) == {"u3", "u4"}
 
 
-def test_newer_import_committing_during_a_rerun_keeps_its_list(make_env, tmp_path, monkeypatch):
-    """A re-run outside the audience locks checks the current version, and a newer import commits (and writes
-    its list) before the re-run's file lands: the re-run writes the newer list again."""
-    config = base_config()
-    config["outboxes"] = [{"location": str(tmp_path / "out"), "mode": "full_list", "identifier_field": FIELD}]
-    env = make_env(config)
-    older = env.import_file("promo.csv", "u1\nu2\n")
-    env.import_file("promo.csv", "u3\nu4\n")
-    catalog = env.runner.service.catalog
-    real = catalog.current_versions
-    calls = []
-
-    def as_seen_before_the_newer_commit(ids):
-        calls.append(ids)
-        current = real(ids)
-        if len(calls) == 1:  # the check, made just before the newer import committed
-            current = {a: type(v)(**{**v.__dict__, "version": older.import_id}) for a, v in current.items()}
-        return current
-
-    monkeypatch.setattr(catalog, "current_versions", as_seen_before_the_newer_commit)
-    env.runner.service.publish_outboxes(older)
-    assert len(calls) >= 2
-    assert listed(tmp_path / "out" / "promo.csv.gz") == {"u3", "u4"}
-
-
 def test_outbox_on_s3(make_env, moto_s3, tmp_path):
     """ODP's upload example uses --sse: every object is encrypted with the outbox's own setting (AES256 by
     default), never the lake's (a KMS key of ours would leave the files unreadable to ODP)."""
