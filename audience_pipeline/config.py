@@ -163,6 +163,11 @@ class FeedConfig(_Strict):
     identifiers: dict[str, str | IdentifierMapping] = {}
     # ODP: the header field holding the feed's high-confidence identifier.
     id_field: str | None = None
+    # A file naming a deleted audience creates a new audience of that name (a new audience_id; the deleted one
+    # keeps its history), or fails. Default: false for Repro ("you will not be able to create an audience with
+    # a file of the same name"), true for the others (Attentive: a segment that does not exist "will be
+    # created when this file is processed").
+    reuse_deleted_names: bool | None = None
     # ODP: `ts` is each row's event time, not a clock of the list, so lists apply in arrival order. Only for a
     # producer that stamps every row with the list's compute time: skip a list whose newest ts is older.
     skip_older_ts: bool = False
@@ -231,6 +236,10 @@ class FeedConfig(_Strict):
             known = ", ".join(sorted(self.profiles)) or "none"
             raise ConfigError(f"the feed has no profile named {profile!r} (profiles: {known})")
         return self.model_copy(update=self.profiles[profile].model_dump(exclude_unset=True))
+
+    @property
+    def reuses_deleted_names(self) -> bool:
+        return self.reuse_deleted_names if self.reuse_deleted_names is not None else self.format != "repro"
 
     @property
     def poll_seconds(self) -> int:

@@ -337,7 +337,8 @@ class ImportService:
             self.catalog.set_audiences(record.import_id, list(summary.audiences))
         feed = self._feed(record)
         semantics = Semantics(get_format(feed.format).semantics(feed))
-        audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
+        audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences),
+                                                 reuse_deleted=self.workspace.feed(record.feed).reuses_deleted_names)
         faults.point("apply.audiences_registered")
         union_parts = getattr(get_format(feed.format), "UNION_SAME_LIST_TIME", False)
         return self._commit(record, semantics, self.lake.validated_rows(record.import_id), audience_ids,
@@ -536,7 +537,8 @@ class ImportService:
             raise ValueError(f"import {import_id} is {record.status}, not held")
         feed = self._feed(record)
         summary = self.validate(record)
-        audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences))
+        audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences),
+                                                 reuse_deleted=self.workspace.feed(record.feed).reuses_deleted_names)
         result = self._commit(record, Semantics(get_format(feed.format).semantics(feed)),
                               self.lake.validated_rows(import_id), audience_ids, summary,
                               getattr(get_format(feed.format), "UNION_SAME_LIST_TIME", False), approved=True)
@@ -559,7 +561,8 @@ class ImportService:
             record = self.catalog.get_import(import_id)
             feed = self._feed(record)
             summary = self.validate(record)
-            audience_ids = self.catalog.audience_ids(feed_name, list(summary.audiences))
+            audience_ids = self.catalog.audience_ids(feed_name, list(summary.audiences),
+                                                     reuse_deleted=self.workspace.feed(feed_name).reuses_deleted_names)
             result = self._commit(record, Semantics(get_format(feed.format).semantics(feed)),
                                   self.lake.validated_rows(import_id), audience_ids, summary, released=True)
             if result.status == ImportStatus.HELD:
@@ -584,7 +587,8 @@ class ImportService:
         if record.status != ImportStatus.SUCCEEDED or not outboxes:
             return []
         if audience_ids is None:
-            audience_ids = self.catalog.audience_ids(record.feed, list(record.audiences or []))
+            audience_ids = self.catalog.audience_ids(record.feed, list(record.audiences or []),
+                                                     reuse_deleted=self.workspace.feed(record.feed).reuses_deleted_names)
         for audience_id in audience_ids.values():
             self.lake.fetch(self.lake.members_file(audience_id, record.import_id))
         self.lake.fetch(self.lake.events(record.import_id))

@@ -1,4 +1,5 @@
-"""Audience lifecycle: the per-feed audience limit, and deletion (a deleted name cannot come back)."""
+"""Audience lifecycle: the per-feed audience limit, and deletion (a deleted name comes back only where the
+feed reuses names)."""
 
 import pytest
 
@@ -36,3 +37,51 @@ def test_delete_audience_then_recreate_is_refused(env):
     again = env.import_file("gone.csv", "u1\n")
     assert again.status == "failed" and "was deleted; a deleted name cannot be re-created" in again.error
     assert env.members("gone") == set()
+
+
+def test_a_deleted_name_is_reused_where_the_format_creates_segments(make_env):
+    """mediarithmics (like Attentive: a segment that does not exist "will be created when this file is
+    processed") reuses a deleted name by default: a new audience with a new id, while the deleted one keeps
+    its history under its own id. Lookups by name answer for the live audience."""
+    import json
+
+    config = base_config()
+    config["feeds"] = {"mics": {"format": "mediarithmics", "source": "drop/mics"}}
+    env = make_env(config)
+    (env.root / "drop" / "mics").mkdir(parents=True)
+
+    def commands(*users):
+        return "".join(json.dumps({"operation": "UPDATE", "expiration_duration": 0, "user_agent_id": u,
+                                   "segment_technical_name": "seg"}) + "\n" for u in users)
+
+    first = env.import_file("a.ndjson", commands("u1", "u2"), feed="mics")
+    service = env.runner.service
+    old_id = service.catalog.find_audience("mics", "seg")
+    service.delete_audience("mics", "seg")
+    assert service.catalog.find_audience("mics", "seg") is None
+    again = env.import_file("b.ndjson", commands("u3"), feed="mics")
+    assert again.status == "succeeded", again.error
+    new_id = service.catalog.find_audience("mics", "seg")
+    assert new_id not in (None, old_id)
+    assert env.members("seg") == {"u3"}
+    assert env.query("SELECT audience_id, status, member_count FROM audiences WHERE name = 'seg' ORDER BY 1") == [
+        (old_id, "deleted", 0), (new_id, "active", 1)]
+    # the deleted audience's history, by its id
+    assert env.query("SELECT import_id, member_count, status FROM audience_versions WHERE audience_id = ? "
+                     "ORDER BY version", [old_id])[0] == (first.import_id, 2, "deleted")
+    # by name, the live audience: before it existed it had no members
+    assert env.query("SELECT count(*) FROM members_as_of('seg', ?)", [first.applied_at]) == [(0,)]
+    assert {u for (u,) in env.query("SELECT user_id FROM members_as_of('seg', now(), 'mics')")} == {"u3"}
+    # and delete-audience deletes the live one
+    service.delete_audience("mics", "seg")
+    assert env.query("SELECT count(*) FROM audiences WHERE name = 'seg' AND status = 'active'") == [(0,)]
+
+
+def test_repro_can_opt_in_to_reusing_deleted_names(make_env):
+    env = make_env(base_config(reuse_deleted_names=True))
+    env.import_file("x.csv", "u1\n")
+    env.runner.service.delete_audience("repro", "x")
+    assert env.import_file("x.csv", "u2\n").status == "succeeded"
+    assert env.members("x") == {"u2"}
+    assert env.query("SELECT status FROM audiences WHERE name = 'x' ORDER BY audience_id") == [
+        ("deleted",), ("active",)]

@@ -62,6 +62,13 @@ def test_a_0_1_0_catalog_is_migrated_in_place(make_env, catalog_location, tmp_pa
     assert env.query("SELECT import_id, status FROM imports ORDER BY 1") == [
         (1, "failed"), (2, "abandoned"), (3, "succeeded")]
 
+    # 0.1.0's UNIQUE (feed, name) is gone: a deleted name can be reused where the feed says so
+    env.runner.service.delete_audience("repro", "a")
+    env2 = make_env(base_config(reuse_deleted_names=True), name="ws")
+    assert env2.import_file("a.csv", "u3\n").status == "succeeded"
+    assert env2.query("SELECT status FROM audiences WHERE name = 'a' ORDER BY audience_id") == [
+        ("deleted",), ("active",)]
+
 
 def test_an_older_views_file_and_placeholder_are_rewritten(make_env, tmp_path):
     """The analytics file and the lake's empty placeholders of an older version are replaced when the

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import duckdb
 
+from audience_pipeline.storage import statements as sql
 from audience_pipeline.storage.liveness import AdvisoryLiveness, FileLiveness
 
 
@@ -71,6 +72,8 @@ class DuckDBBackend:
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute(schema)
+            if con.execute(sql.DUCKDB_NAME_CONSTRAINT).fetchone()[0]:
+                _migrate_duckdb(con)
             yield con
         finally:
             con.close()
@@ -134,6 +137,7 @@ class PostgresBackend:
                 with con.transaction():
                     con.execute("SELECT pg_advisory_xact_lock(7317001)")
                     con.execute(schema)
+                    con.execute(sql.POSTGRES_MIGRATION)
                 self._schema_ready = True
             yield session
         finally:
@@ -152,6 +156,17 @@ class PostgresBackend:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
+
+
+def _migrate_duckdb(con) -> None:
+    """Drop a 0.1.0 catalog's UNIQUE (feed, name) by rebuilding the table (DuckDB cannot drop a constraint)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(sql.DUCKDB_MIGRATION)
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def backend_for(location: str | Path, lock_timeout: float) -> DuckDBBackend | PostgresBackend:

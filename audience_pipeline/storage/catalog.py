@@ -300,24 +300,28 @@ class Catalog:
         )
 
     # -- audiences ---------------------------------------------------------------------------------
-    def audience_ids(self, feed: str, names: tuple[str, ...] | list[str]) -> dict[str, int]:
-        """Stable ids for (feed, name), registering new names. An audience with no committed version
-        is invisible to analysts, so registering one ahead of its first commit is harmless."""
+    def audience_ids(self, feed: str, names: tuple[str, ...] | list[str],
+                     reuse_deleted: bool = False) -> dict[str, int]:
+        """Stable ids for (feed, name): the live audience of each name, registering new names. A deleted name
+        resolves to its deleted audience (a commit naming it is refused), or with ``reuse_deleted`` to a new
+        audience of that name. An audience with no committed version is invisible to analysts, so
+        registering one ahead of its first commit is harmless."""
         ids: dict[str, int] = {}
         with self.transaction() as con:
             now = _now(con)
             for name in names:
                 row = con.execute(sql.FIND_AUDIENCE, [feed, name]).fetchone()
-                if row is None:
-                    con.execute(sql.INSERT_AUDIENCE, [feed, name, now])
+                if row is None or (row[1] != "active" and reuse_deleted):
+                    con.execute(sql.INSERT_AUDIENCE, [feed, name, now, feed, name])
                     row = con.execute(sql.FIND_AUDIENCE, [feed, name]).fetchone()
                 ids[name] = row[0]
         return ids
 
     def find_audience(self, feed: str, name: str) -> int | None:
+        """The live audience of that name."""
         with self.session() as con:
             row = con.execute(sql.FIND_AUDIENCE, [feed, name]).fetchone()
-        return row[0] if row else None
+        return row[0] if row and row[1] == "active" else None
 
     def current_versions(self, audience_ids: list[int]) -> dict[int, CurrentVersion]:
         with self.session() as con:

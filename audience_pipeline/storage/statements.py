@@ -34,13 +34,14 @@ CREATE TABLE IF NOT EXISTS imports (
     finished_at    TIMESTAMPTZ,
     UNIQUE (partition_key, delivery)
 );
+-- A name is unique among a feed's live audiences only: a deleted audience keeps its history under its id,
+-- and (where the feed reuses deleted names) a new audience of its name gets a new id.
 CREATE TABLE IF NOT EXISTS audiences (
     audience_id  BIGINT PRIMARY KEY,
     feed         VARCHAR NOT NULL,
     name         VARCHAR NOT NULL,
     status       VARCHAR NOT NULL,
-    created_at   TIMESTAMPTZ NOT NULL,
-    UNIQUE (feed, name)
+    created_at   TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audience_versions (
     audience_id    BIGINT NOT NULL,
@@ -116,11 +117,15 @@ UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_r
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
-FIND_AUDIENCE = "SELECT audience_id FROM audiences WHERE feed = ? AND name = ?"
+# The live audience of the name, else the newest deleted one.
+FIND_AUDIENCE = """
+SELECT audience_id, status FROM audiences WHERE feed = ? AND name = ?
+ORDER BY status = 'active' DESC, audience_id DESC LIMIT 1
+"""
 INSERT_AUDIENCE = """
 INSERT INTO audiences (audience_id, feed, name, status, created_at)
-VALUES (nextval('audience_ids'), ?, ?, 'active', ?)
-ON CONFLICT (feed, name) DO NOTHING
+SELECT nextval('audience_ids'), ?, ?, 'active', ?
+WHERE NOT EXISTS (SELECT 1 FROM audiences WHERE feed = ? AND name = ? AND status = 'active')
 """
 
 CURRENT_VERSIONS = """
@@ -284,4 +289,23 @@ ADD_IMPORT_WARNING = """
 UPDATE imports SET error = coalesce(error || '; ', '') || CAST(? AS VARCHAR)
 WHERE import_id = ? AND status = 'succeeded' AND (error IS NULL OR strpos(error, CAST(? AS VARCHAR)) = 0)
 RETURNING import_id
+"""
+
+# Catalogs made before deleted names could be reused hold UNIQUE (feed, name) (0.1.0). PostgreSQL keeps the rule
+# for live audiences as a partial index; DuckDB, which has none, relies on the one writer at a time of its file.
+POSTGRES_MIGRATION = """
+ALTER TABLE audiences DROP CONSTRAINT IF EXISTS audiences_feed_name_key;
+CREATE UNIQUE INDEX IF NOT EXISTS audiences_live_name ON audiences (feed, name) WHERE status = 'active';
+"""
+DUCKDB_NAME_CONSTRAINT = """
+SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'audiences' AND constraint_type = 'UNIQUE'
+"""
+DUCKDB_MIGRATION = """
+CREATE TABLE audiences_migrated (
+    audience_id BIGINT PRIMARY KEY, feed VARCHAR NOT NULL, name VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL
+);
+INSERT INTO audiences_migrated SELECT audience_id, feed, name, status, created_at FROM audiences;
+DROP TABLE audiences;
+ALTER TABLE audiences_migrated RENAME TO audiences;
 """

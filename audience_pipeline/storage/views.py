@@ -47,12 +47,16 @@ def view_statements(lake: Lake) -> list[str]:
                 f" WHERE seq = {newest})")
     members, rejected = _scan(lake.members_sources), _scan(lake.rejected_sources)
     events = _scan(lake.events_sources, union_by_name=True)  # observed_at came with views version 2
-    # an audience is (feed, name): the optional third argument keeps two feeds' audiences of one name apart
+    # An audience is (feed, name): the optional third argument keeps two feeds' audiences of one name apart.
+    # A name answers for the feed's newest audience of that name: the live one, where a deleted name was reused
+    # (the deleted audience stays queryable by audience_id in audience_versions).
     as_of = f"""
             SELECT m.user_id
             FROM {members} m
-            JOIN (SELECT audience_id, version FROM {snapshot}
-                  WHERE record = 'version' AND audience_name = name AND (feed_name IS NULL OR feed = feed_name)
+            JOIN (SELECT audience_id, version
+                  FROM (SELECT *, max(audience_id) OVER (PARTITION BY feed) AS newest FROM {snapshot}
+                        WHERE record = 'version' AND audience_name = name AND (feed_name IS NULL OR feed = feed_name))
+                  WHERE audience_id = newest
                     AND valid_from <= ts::TIMESTAMPTZ AND (valid_to IS NULL OR valid_to > ts::TIMESTAMPTZ)) v
               ON m.audience_id = v.audience_id AND m.version = v.version
             WHERE m.expires_at IS NULL OR m.expires_at > ts::TIMESTAMPTZ"""
@@ -60,7 +64,8 @@ def view_statements(lake: Lake) -> list[str]:
         "SET TimeZone = 'UTC'",
         f"CREATE MACRO views_version() AS {VIEWS_VERSION}",
         f"CREATE VIEW audience_versions AS SELECT audience_id, audience_name, feed, version, import_id, sha256,"
-        f" member_count, qualified, disqualified, valid_from, valid_to, list_time FROM {versions}"
+        f" member_count, qualified, disqualified, valid_from, valid_to, list_time, audience_status AS status"
+        f" FROM {versions}"
         f" WHERE record = 'version'",
         f"""CREATE VIEW imports AS
             SELECT import_id, feed, source_uri, file_name, sha256, status, rows_total, rows_valid, rows_rejected,
