@@ -4,13 +4,13 @@ back through an ODP feed."""
 import csv
 import gzip
 import json
-from email import message_from_bytes, policy
 
 import pytest
 
 from audience_pipeline.config import OutboxConfig
 from audience_pipeline.outbox import full_list_name_problem
-from audience_pipeline_tests.conftest import base_config, free_port
+from audience_pipeline_tests.conftest import base_config
+from audience_pipeline_tests.test_notifications import smtp  # noqa: F401 (fixture)
 
 FIELD = "a_high_confidence_identifier"
 
@@ -35,30 +35,6 @@ def odp_import(make_env, path, name="odp_ws"):
     config["feeds"] = {"odp": {"format": "odp", "source": "drop/odp", "id_field": FIELD}}
     odp = make_env(config, name=name)
     return odp, odp.runner.import_file("odp", path)
-
-
-@pytest.fixture
-def smtp():
-    """A plain SMTP server on loopback (aiosmtpd) that keeps what it receives."""
-    from aiosmtpd.controller import Controller
-
-    class Inbox:
-        def __init__(self):
-            self.messages = []
-
-        async def handle_DATA(self, server, session, envelope):
-            self.messages.append((envelope.rcpt_tos, message_from_bytes(envelope.content, policy=policy.default)))
-            return "250 OK"
-
-    inbox = Inbox()
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    inbox.settings = {"host": "127.0.0.1", "port": port, "sender": "pipeline@example.com"}
-    try:
-        yield inbox
-    finally:
-        controller.stop()
 
 
 def test_changes_and_full_list_outboxes(make_env, tmp_path):
@@ -175,7 +151,7 @@ def test_outbox_on_s3(make_env, moto_s3, tmp_path):
     assert record.status == "succeeded" and odp.members("s3 out") == env.members("s3 out") == {"x1", "x2"}
 
 
-def test_unwritable_audience_name_is_a_warning_and_an_email(make_env, tmp_path, smtp):
+def test_unwritable_audience_name_is_a_warning_and_an_email(make_env, tmp_path, smtp):  # noqa: F811
     """No altered name (ODP would read another audience): the audience gets no file, the import stays
     succeeded, and the reason is in the activity log and in the admins' e-mail."""
     config = base_config()
