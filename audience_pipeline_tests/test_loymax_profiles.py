@@ -1,9 +1,10 @@
 """Loymax per-import profiles: a feed's named choices of mode/audience/identifier/action, picked by the drop
 sub-folder a file lands in or by ``import --profile``, all updating the feed's own audiences."""
 
+import itertools
+import os
 import subprocess
 import sys
-import time
 
 import boto3
 import pytest
@@ -40,10 +41,17 @@ def loymax(make_env):
     return env
 
 
+_DROPS = itertools.count(1)
+
+
 def drop(env, key: str, content: str) -> None:
+    """Land a file as a new version: its own mtime, whatever the clock's granularity (a rewrite within the
+    same tick would otherwise keep the version and not be a new delivery)."""
     path = env.drop / key
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content)
+    stamp = path.stat().st_mtime_ns + next(_DROPS) * 1_000_000_000
+    os.utime(path, ns=(stamp, stamp))
 
 
 def profile_tags(env) -> list[str]:
@@ -66,7 +74,6 @@ def test_polled_removal_of_applied_content_removes_and_the_add_applies_again(loy
     assert env.members("VIP") == set() and env.members("Gold") == set()
 
     # after the removal, the add's content is no longer what the audiences hold: it applies again
-    time.sleep(0.01)
     drop(env, "add/assign.csv", ASSIGN)
     [again] = env.runner.poll("loymax")
     assert (again.status, again.qualified) == ("succeeded", 3)
