@@ -168,8 +168,12 @@ class Lake:
         os.replace(staged, final)
 
 
-def _columns(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
-    return [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+def _columns(con: duckdb.DuckDBPyConnection, path: Path) -> list[str] | None:
+    """A placeholder's columns, or None when it cannot be read (it is empty: writing it again loses nothing)."""
+    try:
+        return [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+    except duckdb.Error:
+        return None
 
 
 def _schema_columns(schema: str) -> list[str]:
