@@ -133,7 +133,7 @@ class AdvisoryLiveness:
             for setting, value in (("tcp_keepalives_idle", idle), ("tcp_keepalives_interval", interval),
                                    ("tcp_keepalives_count", 3), ("tcp_user_timeout", self.timeout * 500),
                                    ("idle_session_timeout", 0)):
-                con.execute(f"SET {setting} = {int(value)}")
+                con.execute("SELECT set_config(%s, %s, false)", [setting, str(value)])
             (held,) = con.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
         except BaseException:
             con.close()
