@@ -149,6 +149,11 @@ class Catalog:
         names = [d[0] for d in cur.description]
         return ImportRecord(**dict(zip(names, row, strict=True)))
 
+    @staticmethod
+    def _records(cur) -> list[ImportRecord]:
+        names = [d[0] for d in cur.description]
+        return [ImportRecord(**dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+
     def find_import(self, partition_key: str, delivery: str) -> ImportRecord | None:
         with self.session() as con:
             return self._record(con.execute(sql.FIND_IMPORT, [partition_key, delivery]))
@@ -264,15 +269,11 @@ class Catalog:
 
     def abandoned_imports(self, feed: str) -> list[ImportRecord]:
         with self.session() as con:
-            cur = con.execute(sql.ABANDONED_OF_FEED, [feed])
-            names = [d[0] for d in cur.description]
-            return [ImportRecord(**dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+            return self._records(con.execute(sql.ABANDONED_OF_FEED, [feed]))
 
     def applied_imports(self, audience_id: int) -> list[ImportRecord]:
         with self.session() as con:
-            cur = con.execute(sql.APPLIED_IMPORTS, [audience_id])
-            names = [d[0] for d in cur.description]
-            return [ImportRecord(**dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+            return self._records(con.execute(sql.APPLIED_IMPORTS, [audience_id]))
 
     def _published(self, import_id: int) -> ImportRecord:
         """Export the snapshot after a status change; an import that left ``received`` is let go."""
@@ -369,8 +370,7 @@ class Catalog:
         of expiries due at a given instant)."""
         with self.transaction() as con:
             (latest,) = con.execute(sql.LATEST_VALID_FROM, [audience_ids]).fetchone()
-            (recorded,) = con.execute("SELECT applied_at FROM imports WHERE import_id = ?",
-                                      [record.import_id]).fetchone()
+            (recorded,) = con.execute(sql.APPLIED_AT, [record.import_id]).fetchone()
             if recorded is not None and (latest is None or recorded >= latest) and (floor is None or recorded >= floor):
                 return recorded
             at = max(t for t in (_now(con), latest, floor) if t is not None)

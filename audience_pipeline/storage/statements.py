@@ -281,6 +281,7 @@ LATEST_VALID_FROM = """
 SELECT max(valid_from) FROM audience_versions
 WHERE valid_to IS NULL AND audience_id = ANY(CAST(? AS BIGINT[]))
 """
+APPLIED_AT = "SELECT applied_at FROM imports WHERE import_id = ?"
 SET_APPLIED_AT = "UPDATE imports SET applied_at = ? WHERE import_id = ?"
 
 # A warning about a succeeded import (an outbox file it could not write): the import stays succeeded and the
