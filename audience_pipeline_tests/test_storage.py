@@ -1,8 +1,10 @@
 """Storage guarantees: old versions expire, and a run waits for another process's hold on the catalog."""
 
+import multiprocessing
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from audience_pipeline.storage.lake import Lake
 from audience_pipeline_tests.conftest import base_config
@@ -73,3 +75,26 @@ def test_retention_job_keeps_what_current_lists_need(make_env):
     again = env.runner.defs.resolve_job_def("audience_import_job").execute_in_process(
         partition_key=current.partition_key, instance=env.instance)
     assert again.success
+
+
+def _ensure_after(barrier, root: str) -> None:
+    barrier.wait()
+    Lake(Path(root)).ensure()
+
+
+def test_processes_starting_together_on_a_fresh_lake_all_start(tmp_path):
+    # Workers of one workspace that start at once all find the placeholders missing and write them;
+    # each must write its own temporary file (a shared name was moved away under the others).
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(8):
+        root = tmp_path / f"lake{round_}"
+        barrier = context.Barrier(4)
+        workers = [context.Process(target=_ensure_after, args=(barrier, str(root))) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [worker.exitcode for worker in workers] == [0, 0, 0, 0], f"round {round_}"
+        lake = Lake(root)
+        assert all(path.exists() for path in (lake.members_file(0, 0), lake.events(0), lake.rejected(0)))
+        assert not [p.name for p in root.rglob("*.tmp")]

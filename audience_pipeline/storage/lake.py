@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -182,7 +183,8 @@ def _schema_columns(schema: str) -> list[str]:
 
 def _write_empty(con: duckdb.DuckDBPyConnection, path: Path, schema: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # processes starting together all write the missing placeholders: each through a name of its own
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     con.execute(f"CREATE OR REPLACE TEMP TABLE empty_placeholder ({schema})")
     con.execute(f"COPY empty_placeholder TO {quote_literal(tmp)} (FORMAT parquet)")
     os.replace(tmp, path)
