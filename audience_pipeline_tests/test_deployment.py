@@ -35,7 +35,6 @@ from audience_pipeline_tests.test_daemon import members
 PRODUCTION_YAML = Path(__file__).parents[1] / "deploy" / "dagster.production.yaml"
 FEEDS = ("alpha_feed", "beta_feed", "gamma_feed")
 MAX_CONCURRENT_RUNS = 2
-IN_PROGRESS = {dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED}  # what the coordinator counts
 DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -117,14 +116,19 @@ def running_daemon(workspace_yaml: Path, log_path: Path):
                 os.killpg(daemon.pid, signal.SIGKILL)
 
 
-def wait_for_runs(instance: dg.DagsterInstance, run_ids: list[str], log_path: Path, timeout: float,
-                  on_poll=None) -> list:
+def wait_for(condition, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.25)
+
+
+def wait_for_runs(instance: dg.DagsterInstance, run_ids: list[str], log_path: Path, timeout: float) -> list:
     """The runs' records once every one has ended, polling four times a second."""
     deadline = time.monotonic() + timeout
     while True:
         records = instance.get_run_records(filters=dg.RunsFilter(run_ids=run_ids))
-        if on_poll is not None:
-            on_poll(records)
         if len(records) == len(run_ids) and all(r.dagster_run.status in DONE for r in records):
             return records
         if time.monotonic() > deadline:
@@ -172,10 +176,21 @@ def test_production_instance_queues_and_runs_imports(tmp_path, production_instan
     alpha_old, alpha_new = run_ids[0], run_ids[1]
 
     daemon_log = tmp_path / "daemon.log"
-    in_progress_seen: list[set[str]] = []
+    # Every run stops inside its import (its delivery recorded) until told to go, so the runs the daemon
+    # let in at once can be counted while they provably overlap, whatever this machine's speed.
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    monkeypatch.setenv("AUDIENCE_PIPELINE_PAUSE_AT", "receive.begun")
+    monkeypatch.setenv("AUDIENCE_PIPELINE_PAUSE_DIR", str(pause))
     with running_daemon(ws / "workspace.yaml", daemon_log):
-        records = wait_for_runs(instance, run_ids, daemon_log, 120, on_poll=lambda records: in_progress_seen.append(
-            {r.dagster_run.run_id for r in records if r.dagster_run.status in IN_PROGRESS}))
+        wait_for(lambda: len(list(pause.glob("*.paused"))) >= MAX_CONCURRENT_RUNS, daemon_log, 120)
+        statuses = [r.dagster_run.status for r in instance.get_run_records(filters=dg.RunsFilter(run_ids=run_ids))]
+        (pause / "go").touch()
+        records = wait_for_runs(instance, run_ids, daemon_log, 120)
+    # Four runs were queued together; max_concurrent_runs let two in, the other two waited in the queue.
+    assert sorted(s.value for s in statuses) == sorted(
+        [dg.DagsterRunStatus.QUEUED.value] * 2 + [dg.DagsterRunStatus.STARTED.value] * 2), statuses
+    assert len(list(pause.glob("*.paused"))) == 4  # and each of them ran its import afterwards
 
     by_id = {r.dagster_run.run_id: r for r in records}
     assert [by_id[run_id].dagster_run.status for run_id in run_ids] == [dg.DagsterRunStatus.SUCCESS] * 4, (
@@ -194,8 +209,6 @@ def test_production_instance_queues_and_runs_imports(tmp_path, production_instan
                JOIN audiences a USING (audience_id) WHERE a.name = 'alpha' ORDER BY v.import_id""").fetchall()
         assert con.execute("SELECT count(*) FROM audience_locks").fetchone() == (0,)
     assert versions == [(alpha_old, False), (alpha_new, True)]
-    # Four runs were queued together; max_concurrent_runs let two at a time.
-    assert max(len(seen) for seen in in_progress_seen) == MAX_CONCURRENT_RUNS
 
     # The runs are rows of the PostgreSQL database, not of a local fallback.
     with psycopg.connect(pg_url.geturl()) as con:
