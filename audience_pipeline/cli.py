@@ -283,6 +283,47 @@ def members(name: str, as_of: str | None, limit: int, config: str | None) -> Non
         err.print(f"no members for {name!r}" + (f" as of {as_of}" if as_of else ""))
 
 
+@main.command("user-audiences")
+@click.argument("user_id")
+@click.option("--as-of", "as_of", default=None,
+              help="An instant (ISO 8601, UTC if no offset) within storage.retention_days.")
+@config_option
+def user_audiences(user_id: str, as_of: str | None, config: str | None) -> None:
+    """The audiences USER_ID is in, now or as of a past instant, one per line (tab-separated): feed, audience,
+    qualified_at, expires_at (empty: none)."""
+    from datetime import UTC, timedelta
+
+    workspace = _workspace(config)
+    ts = None
+    if as_of:
+        try:
+            ts = datetime.fromisoformat(as_of)
+        except ValueError:
+            raise click.BadParameter(f"{as_of!r} is not an ISO 8601 timestamp", param_hint="'--as-of'") from None
+        ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        days = workspace.config.storage.retention_days
+        if ts < datetime.now(UTC) - timedelta(days=days):
+            raise click.BadParameter(f"{as_of} is older than storage.retention_days ({days:g}): the member lists of "
+                                     "then may be deleted (membership_events keeps the history)",
+                                     param_hint="'--as-of'")
+    con = _analytics(workspace)
+    if ts is None:
+        cur = con.execute("""SELECT a.feed, m.audience_name, m.qualified_at, m.expires_at
+                             FROM members m JOIN audiences a USING (audience_id) WHERE m.user_id = ?
+                             ORDER BY ALL""", [user_id])
+    else:
+        cur = con.execute("""SELECT feed, audience_name, qualified_at, expires_at
+                             FROM user_audiences_as_of(?, ?) ORDER BY ALL""", [user_id, ts])
+    rows = cur.fetchall()
+    # plain tab-separated lines (rich would expand the tabs), for scripts
+    click.echo("feed\taudience\tqualified_at\texpires_at")
+    for row in rows:
+        click.echo("\t".join("" if v is None else v.isoformat() if isinstance(v, datetime) else str(v) for v in row))
+    if not rows:
+        err.print(f"{user_id!r} is in no audience" + (f" as of {as_of}" if as_of else ""), markup=False,
+                  highlight=False)
+
+
 @main.command()
 @click.option("--limit", default=20, show_default=True)
 @config_option
@@ -337,6 +378,40 @@ def forget_user(user_id: str, config: str | None) -> None:
         raise CliError(str(exc)) from None
     console.print(f"removed from {sum(r.disqualified or 0 for r in records)} audience(s) in {len(records)} "
                   f"import(s); {rewritten} lake file(s) rewritten")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@config_option
+def migrate(dry_run: bool, config: str | None) -> None:
+    """Upgrade from 0.1.0: rename mediarithmics audiences named by segment id and re-encode the user ids of
+    non-primary identifier types, as imports of their own with events (README, "Upgrading from 0.1.0")."""
+    from audience_pipeline.importer import ImportFailed
+    from audience_pipeline.migrate import Migration, MigrationRefused
+
+    runner = _runner(_workspace(config))
+    try:
+        with Migration(runner.service) as migration:
+            plan = migration.make_plan()
+            for line in plan.lines():
+                console.print(line, markup=False, highlight=False)
+            if plan.refusals:
+                raise CliError("migration refused, nothing changed: " + "; ".join(plan.refusals))
+            if dry_run or plan.empty:
+                return
+            applied = migration.apply()
+    except MigrationRefused as exc:
+        raise CliError(f"migration refused, nothing changed: {exc}") from None
+    except CatalogBusy as exc:
+        raise CliError(str(exc), exit_code=EXIT_RETRY) from None
+    except ImportFailed as exc:
+        raise CliError(f"import {exc.record.import_id} {exc.record.file_name}: {exc.record.error}") from None
+    for record in applied.renames:
+        console.print(f"import {record.import_id}: {record.status} {record.file_name}", highlight=False)
+    for record in applied.member_imports:
+        console.print(f"import {record.import_id}: {_outcome_line(record)}")
+    _finish([exit_code(r) for r in applied.renames + applied.member_imports],
+            [f"import {r.import_id}: {r.error}" for r in applied.renames + applied.member_imports])
 
 
 @main.command()
@@ -413,6 +488,90 @@ def views(replace: bool, config: str | None) -> None:
         raise CliError(f"{workspace.analytics} is in use: {str(exc).splitlines()[0]}") from None
     target = workspace.analytics.with_suffix(".sql") if workspace.lake_is_remote else workspace.analytics
     console.print(f"{'wrote' if written else 'kept'} {target}")
+
+
+@main.group()
+def registry() -> None:
+    """The users registry (users.path)."""
+
+
+@registry.command("check")
+@config_option
+def registry_check(config: str | None) -> None:
+    """Registry values that fail to normalize as the feeds read them (identifier_kind: a phone that is no
+    phone, an e-mail that is no e-mail): such values match nothing. Per feed and column: the count and a few
+    examples with their registry line. Exits 1 when there are any."""
+    import os
+    import shutil
+
+    from audience_pipeline.duck import work_connection
+    from audience_pipeline.formats import get_format
+    from audience_pipeline.users import RegistryError, UsersRegistry
+
+    workspace = _workspace(config)
+    if workspace.users_path is None:
+        raise CliError(f"{workspace.path}: no users registry (users.path) to check")
+    users = UsersRegistry(workspace.users_path, workspace.config.users.user_id_column)
+    feeds = {name: (feed, {t: feed.registry_mapping(t) for t in get_format(feed.format).identifier_types(feed)})
+             for name, feed in workspace.config.feeds.items()}
+    # the lookups built here are the ones imports use, so they are kept beside theirs
+    staging = workspace.lake / "staging"
+    work = staging / f"registry_check_{os.getpid()}"
+    con = work_connection(work, workspace.config.storage.memory_limit)
+    try:
+        problems = users.check(con, feeds, staging)
+    except RegistryError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        con.close()
+        shutil.rmtree(work, ignore_errors=True)
+    for problem in problems:
+        console.print(f"feed {problem.feed}: column {problem.column!r} ({problem.kind}): {problem.count} value(s) "
+                      "fail to normalize and match nothing", markup=False, highlight=False)
+        for line, value, reason in problem.examples:
+            console.print(f"  line {line}: {value!r} ({reason})", markup=False, highlight=False)
+    if problems:
+        raise CliError(f"{users.path}: {sum(p.count for p in problems)} registry value(s) fail to normalize")
+    console.print(f"{users.path}: every value normalizes for {len(feeds)} feed(s)", markup=False, highlight=False)
+
+
+@registry.command("sweep")
+@click.option("--feed", "feeds", multiple=True, help="Sweep only this feed (repeatable; default: every feed due).")
+@config_option
+def registry_sweep(feeds: tuple[str, ...], config: str | None) -> None:
+    """Disqualify now the members the current users registry makes ineligible for the feeds with eligible:, as
+    users_registry_sensor's run does: one import per feed, once per registry version."""
+    from audience_pipeline.eligibility import EligibilitySweep
+    from audience_pipeline.users import RegistryError
+
+    workspace = _workspace(config)
+    for feed in feeds:
+        try:
+            if not workspace.feed(feed).eligible:
+                raise click.BadParameter(f"feed {feed!r} has no eligible: to sweep", param_hint="'--feed'")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--feed'") from None
+    sweep = EligibilitySweep(_runner(workspace).service)
+    if not sweep.feeds():
+        console.print("no feed has eligible: (with a users registry): nothing to sweep")
+        return
+    try:
+        results = sweep.sweep(list(feeds) or None)
+    except RegistryError as exc:
+        raise CliError(str(exc)) from None
+    except CatalogBusy as exc:
+        raise CliError(str(exc), exit_code=EXIT_RETRY) from None
+    if not results:
+        console.print("every feed with eligible: is already swept against the current registry")
+    for result in results:
+        if result.record is None:
+            console.print(f"{result.feed}: every member is eligible (registry {result.users_sha256[:12]})")
+            continue
+        console.print(f"{result.feed}: import {result.record.import_id}: {_outcome_line(result.record)}")
+        for drop in result.large_drops:
+            console.print(f"{result.feed}: [yellow]large drop[/yellow] (admins e-mailed): {drop}", highlight=False)
+    _finish([exit_code(r.record) for r in results if r.record is not None],
+            [f"{r.feed}: import {r.record.import_id}: {r.record.error}" for r in results if r.failed])
 
 
 if __name__ == "__main__":

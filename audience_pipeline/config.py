@@ -161,6 +161,13 @@ class FeedConfig(_Strict):
     identifier: str = "user_id"
     # Per identifier type, when a format carries several (mediarithmics): a registry column, or a mapping.
     identifiers: dict[str, str | IdentifierMapping] = {}
+    # How the registry column's values (and, for feeds other than Attentive, the file's identifiers) are
+    # normalized before they are compared: phone (E.164 for default_region), email (trimmed, lower-cased) or
+    # plain (trimmed). Attentive feeds take their subscriber_type instead.
+    identifier_kind: Literal["phone", "email", "plain"] = "plain"
+    # Registry column -> the value, or list of values, that make a user eligible for this feed (compared as
+    # trimmed text, case-insensitive). A resolved user who is not eligible is rejected as `ineligible`.
+    eligible: dict[str, str | int | bool | list[str | int | bool]] = {}
     # ODP: the header field holding the feed's high-confidence identifier.
     id_field: str | None = None
     # A file naming a deleted audience creates a new audience of that name (a new audience_id; the deleted one
@@ -175,6 +182,12 @@ class FeedConfig(_Strict):
     max_decompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
     # mediarithmics: ndjson or csv; auto chooses by the file suffix.
     file_type: Literal["auto", "ndjson", "csv"] = "auto"
+    # mediarithmics: a CSV or Parquet file of segment_id,technical_name pairs, so that a segment named by id
+    # and the same segment named by technical name are one audience (named by the technical name).
+    segments: str | None = None
+    # mediarithmics without a users registry: the identifier type whose values are user ids as written; the
+    # other types' user ids are prefixed with their type (formats/mediarithmics.py).
+    primary_identifier_type: Literal["user_account_id", "email_hash", "user_agent_id"] = "user_account_id"
     # Sensor minimum interval; default 600 s, and 24 h for Attentive (processed once a day).
     poll_interval_seconds: int | None = Field(default=None, ge=5)
     max_file_bytes: int = Field(default=500 * 1024 * 1024, gt=0)
@@ -219,6 +232,9 @@ class FeedConfig(_Strict):
                              "(e.g. a_high_confidence_identifier)")
         if self.format == "attentive" and not self.customer_domain:
             raise ValueError("an attentive feed needs customer_domain, the prefix of its file names")
+        for option in ("segments", "primary_identifier_type"):
+            if option in self.model_fields_set and self.format != "mediarithmics":
+                raise ValueError(f"{option} is for mediarithmics feeds (segments and identifier types are theirs)")
         if self.profiles and self.format != "loymax":
             raise ValueError("profiles are for loymax feeds (the options they override are Loymax's)")
         for name in self.profiles:
@@ -306,14 +322,25 @@ class WorkspaceConfig(_Strict):
                 )
         return feeds
 
+    @model_validator(mode="after")
+    def _eligible_needs_registry(self) -> WorkspaceConfig:
+        # without a registry nothing says who is eligible: the rule would be silently ignored
+        for name, feed in self.feeds.items():
+            if feed.eligible and not self.users.path:
+                raise ValueError(f"feed {name!r} has eligible: but the workspace has no users registry (users.path)")
+        return self
+
 
 class Workspace:
     """A loaded configuration plus the folder its relative paths resolve against."""
 
     def __init__(self, config: WorkspaceConfig, path: Path):
-        self.config = config
         self.path = path.resolve()
         self.root = self.path.parent
+        # files a feed names (a mediarithmics segments map) resolve here once, as every workspace path does
+        feeds = {name: feed.model_copy(update={"segments": str(self.resolve(feed.segments))}) if feed.segments
+                 else feed for name, feed in config.feeds.items()}
+        self.config = config.model_copy(update={"feeds": feeds})
 
     def resolve(self, value: str) -> Path:
         p = Path(os.path.expanduser(value))

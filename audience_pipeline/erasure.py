@@ -19,6 +19,7 @@ import duckdb
 
 from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage.lake import Lake
+from audience_pipeline.users import drop_lookups
 
 
 def pseudonym(user_id: str) -> str:
@@ -75,6 +76,8 @@ def scrub_lake(lake: Lake, user_id: str, identifiers: set[str]) -> int:
                 rewritten += 1
     finally:
         con.close()
+    # the registry lookups copy registry values and user ids; the next import rebuilds them from the registry
+    drop_lookups(lake.root / "staging")
     needles = [i.encode() for i in identifiers]
     for path in sorted((lake.root / "raw").glob("*/*")):
         if path.is_file() and _scrub_raw(path, needles):

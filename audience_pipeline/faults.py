@@ -5,8 +5,8 @@ when it reaches that point. With AUDIENCE_PIPELINE_JITTER_AT=<name>[,<name>...] 
 of up to AUDIENCE_PIPELINE_JITTER_SECONDS (default 0.1) there, which widens the windows where concurrent
 imports can interleave. With AUDIENCE_PIPELINE_PAUSE_AT=<name> and AUDIENCE_PIPELINE_PAUSE_DIR=<folder> it
 writes <folder>/<pid>.paused there and waits until <folder>/go exists, so a test can look at processes that
-are provably inside an import at the same time. Unset, a point costs one comparison. Every point is listed in POINTS so the tests
-can be sure they reached each one."""
+are provably inside an import at the same time. Unset, a point costs one comparison. Every point is listed
+in POINTS so the tests can be sure they reached each one."""
 
 from __future__ import annotations
 

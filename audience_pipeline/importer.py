@@ -14,7 +14,7 @@ import posixpath
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -66,6 +66,10 @@ class Summary:
     audiences: tuple[str, ...]
     users_sha256: str | None
     warnings: int = 0
+    # absent from the summaries of imports validated before eligibility: none ineligible, none resolved
+    ineligible: int = 0
+    resolved_by: dict[str, int] = field(default_factory=dict)
+    registry_invalid: int = 0  # registry values that fail to normalize (they match nothing)
 
 
 class ImportService:
@@ -303,7 +307,8 @@ class ImportService:
             shutil.rmtree(work, ignore_errors=True)
         faults.point("validate.files_written")
         summary = Summary(result.rows_total, result.rows_valid, result.rows_rejected, result.unmatched,
-                          result.audiences, users_sha, result.warnings)
+                          result.audiences, users_sha, result.warnings, result.ineligible, dict(result.resolved_by),
+                          result.registry_invalid)
         tmp = summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(summary)))
         os.replace(tmp, summary_path)
@@ -341,8 +346,15 @@ class ImportService:
                                                  reuse_deleted=self.workspace.feed(record.feed).reuses_deleted_names)
         faults.point("apply.audiences_registered")
         union_parts = getattr(get_format(feed.format), "UNION_SAME_LIST_TIME", False)
-        return self._commit(record, semantics, self.lake.validated_rows(record.import_id), audience_ids,
-                            summary, union_parts, dry_run=dry_run)
+        result = self._commit(record, semantics, self.lake.validated_rows(record.import_id), audience_ids,
+                              summary, union_parts, dry_run=dry_run)
+        if result.status == ImportStatus.SUCCEEDED and summary.registry_invalid:
+            # after the commit: finishing the import writes its error column
+            self.catalog.add_import_warning(
+                result.import_id, f"warning: {summary.registry_invalid} users-registry value(s) fail to normalize "
+                                  "and match nothing (audience-pipeline registry check)")
+            return self.catalog.get_import(result.import_id)
+        return result
 
     def _commit(self, record: ImportRecord, semantics: Semantics, rows_path: Path, audience_ids: dict[str, int],
                 summary: Summary | None, union_parts: bool = False, delete: bool = False, approved: bool = False,
@@ -416,6 +428,8 @@ class ImportService:
                     qualified=diff.qualified, disqualified=diff.disqualified, members=diff.members,
                     noops=diff.noops, warnings=summary.warnings if summary else 0, audiences=tuple(audience_ids),
                     users_sha256=summary.users_sha256 if summary else None,
+                    ineligible=summary.ineligible if summary else 0,
+                    resolved_by=summary.resolved_by if summary else {},
                 )
                 verdict = self._gate(self.workspace.feed(record.feed), semantics, diff, current, audience_ids)
                 if dry_run:
@@ -495,7 +509,8 @@ class ImportService:
             return Outcome(audiences=tuple(audience_ids))
         return Outcome(rows_total=summary.rows_total, rows_valid=summary.rows_valid,
                        rows_rejected=summary.rows_rejected, unmatched=summary.unmatched,
-                       audiences=tuple(audience_ids), users_sha256=summary.users_sha256)
+                       audiences=tuple(audience_ids), users_sha256=summary.users_sha256,
+                       ineligible=summary.ineligible, resolved_by=summary.resolved_by)
 
     @staticmethod
     def _gate(feed, semantics: Semantics, diff, current: dict, audience_ids: dict[str, int]) -> str | None:

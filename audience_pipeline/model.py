@@ -51,10 +51,18 @@ REJECT_TOO_LONG = "too_long"
 REJECT_TOO_SHORT = "too_short"
 REJECT_PATTERN = "pattern_mismatch"
 REJECT_UNMATCHED = "unmatched"
+# the user resolved, but the registry says the feed may not reach them (the feed's eligible:)
+REJECT_INELIGIBLE = "ineligible"
+# two identifiers of one line resolve to different users
+REJECT_IDENTIFIER_CONFLICT = "identifier_conflict"
+# a feed with identifier_kind phone (email): the identifier is no phone number (e-mail address)
+REJECT_INVALID_PHONE = "invalid_phone"
+REJECT_INVALID_EMAIL = "invalid_email"
 
 # Reasons that do not count toward a feed's max_reject_ratio: a blank line carries no identifier, and an
-# unregistered user is an expected part of the vendor contract (Repro: "will not be counted").
-NOT_COUNTED_REJECTS = (REJECT_BLANK, REJECT_UNMATCHED)
+# unregistered user is an expected part of the vendor contract (Repro: "will not be counted"); so is a user
+# who opted out (Attentive ignores numbers that are not "an active and opted-in subscriber").
+NOT_COUNTED_REJECTS = (REJECT_BLANK, REJECT_UNMATCHED, REJECT_INELIGIBLE)
 
 
 class CanonicalRows(pa.DataFrameModel):

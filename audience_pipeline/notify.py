@@ -70,6 +70,23 @@ class Notifier:
                          f"[audience_pipeline] {record.feed}: import {record.import_id} of {record.file_name} "
                          "left outbox files unwritten", "\n".join(lines))
 
+    def eligibility_drop(self, record: ImportRecord, drops: list[str]) -> bool:
+        """Tell the feed's admins that an opt-out sweep removed more than the removal gate allows (or emptied an
+        audience); it is applied all the same (opt-outs are never held). Once per sweep import."""
+        lines = [
+            f"Feed:      {record.feed}",
+            f"Import:    {record.import_id} ({record.status}: the members are removed)",
+            f"Registry:  sha256 {record.users_sha256}",
+            "A new version of the users registry made these members ineligible for the feed (opted out, "
+            "inactive, or gone from the registry):",
+            *(f"  - {drop}" for drop in drops),
+            "Opt-outs are applied without approval. If the registry upload was incomplete, fix it: users eligible "
+            "again come back with the feed's next file that names them.",
+        ]
+        return self.send(f"eligibility:{record.import_id}", record.feed,
+                         f"[audience_pipeline] {record.feed}: opt-out sweep {record.import_id} removed "
+                         f"{record.disqualified} members", "\n".join(lines))
+
     def send(self, key: str, feed: str, subject: str, body: str) -> bool:
         recipients = self.recipients(feed)
         smtp = self.config.smtp

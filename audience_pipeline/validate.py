@@ -6,7 +6,7 @@ Everything row-level runs inside DuckDB; Python only sees counts and the first f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -22,13 +22,17 @@ from audience_pipeline.formats import FileRejected, get_format
 from audience_pipeline.model import (
     NOT_COUNTED_REJECTS,
     REJECT_CONTROL,
+    REJECT_IDENTIFIER_CONFLICT,
+    REJECT_INELIGIBLE,
+    REJECT_INVALID_EMAIL,
+    REJECT_INVALID_PHONE,
     REJECT_PATTERN,
     REJECT_TOO_LONG,
     REJECT_TOO_SHORT,
     REJECT_UNMATCHED,
     check_canonical_contract,
 )
-from audience_pipeline.users import UsersRegistry
+from audience_pipeline.users import UsersRegistry, identifier_kind, normalization_sql
 
 SNIFF_BYTES = 64 * 1024
 SPLIT_BATCH_ROWS = 1 << 17
@@ -56,6 +60,12 @@ class ValidationResult:
     unmatched: int
     warnings: int
     audiences: tuple[str, ...]
+    # with a registry: resolved but not eligible for the feed (not counted toward max_reject_ratio)
+    ineligible: int = 0
+    # with a registry: accepted rows per identifier type that resolved them
+    resolved_by: dict[str, int] = field(default_factory=dict)
+    # registry values of the lookups used that failed to normalize (they match nothing; `registry check`)
+    registry_invalid: int = 0
 
 
 def precheck(raw_path: Path, file_name: str, feed: FeedConfig) -> None:
@@ -117,6 +127,64 @@ def _split_rows(con: duckdb.DuckDBPyConnection, classified: str, params: dict, r
     unsorted.unlink()
 
 
+# With a registry, a row's identifier (or, when the format lists them in ``candidates``, each identifier of its
+# line in priority order) is looked up; the first that resolves wins and becomes the row's identifier. Rows are
+# keyed by source_line: a format that lists candidates gives one row per line.
+SINGLE_RESOLUTION = """
+    WITH c AS ({checks}),
+    k AS (SELECT c.* REPLACE (CASE WHEN c.reason IS NULL AND NOT list_contains($hashed_types, c.identifier_type)
+                                   THEN {normalized} ELSE c.identifier END AS identifier)
+          FROM c)
+    SELECT k.*, u.user_id,
+           coalesce(k.reason, CASE WHEN k.identifier IS NULL THEN $r_not_normal
+                                   WHEN u.user_id IS NULL THEN $r_unmatched
+                                   WHEN NOT u.eligible THEN $r_ineligible END) AS final_reason
+    FROM k
+    LEFT JOIN ({lookup}) u
+      ON u.identifier_type = k.identifier_type AND u.identifier = k.identifier AND k.reason IS NULL
+"""
+CANDIDATES_RESOLUTION = """
+    WITH c AS ({checks}),
+    listed AS (SELECT source_line, unnest(candidates) AS candidate, generate_subscripts(candidates, 1) AS pos
+               FROM c WHERE reason IS NULL),
+    k AS (SELECT source_line, pos, candidate.identifier_type AS identifier_type,
+                 CASE WHEN list_contains($hashed_types, candidate.identifier_type)
+                      THEN lower(candidate.identifier) ELSE {normalized} END AS identifier
+          FROM listed WHERE candidate.identifier IS NOT NULL),
+    hits AS (SELECT k.source_line, k.pos, k.identifier_type, k.identifier, u.user_id, u.eligible
+             FROM k JOIN ({lookup}) u ON u.identifier_type = k.identifier_type AND u.identifier = k.identifier),
+    best AS (SELECT source_line, arg_min(user_id, pos) AS user_id, arg_min(eligible, pos) AS eligible,
+                    arg_min(identifier_type, pos) AS identifier_type, arg_min(identifier, pos) AS identifier,
+                    count(DISTINCT user_id) AS users
+             FROM hits GROUP BY source_line)
+    SELECT c.* REPLACE (coalesce(b.identifier_type, c.identifier_type) AS identifier_type,
+                        coalesce(b.identifier, c.identifier) AS identifier),
+           b.user_id,
+           coalesce(c.reason, CASE WHEN b.user_id IS NULL THEN $r_unmatched
+                                   WHEN b.users > 1 THEN $r_conflict
+                                   WHEN NOT b.eligible THEN $r_ineligible END) AS final_reason
+    FROM c LEFT JOIN best b ON b.source_line = c.source_line AND c.reason IS NULL
+"""
+
+
+def _resolution_sql(checks_sql: str, lookup_sql: str, feed: FeedConfig, candidates: bool) -> tuple[str, dict]:
+    """The checked rows with their user (or the reason they have none) through the registry's lookup."""
+    # Attentive's parser already gave its identifiers the registry's form (E.164, lower-cased e-mails).
+    kind = "plain" if feed.format == "attentive" else identifier_kind(feed)
+    column = "candidate.identifier" if candidates else "c.identifier"
+    normalized, params = normalization_sql(kind, column, feed.default_region.upper())
+    # a plain identifier stays as the format gave it
+    normalized = column if kind == "plain" else f"({normalized}).identifier"
+    template = CANDIDATES_RESOLUTION if candidates else SINGLE_RESOLUTION
+    params |= {"r_unmatched": REJECT_UNMATCHED, "r_ineligible": REJECT_INELIGIBLE}
+    if candidates:
+        params["r_conflict"] = REJECT_IDENTIFIER_CONFLICT
+    else:
+        params["r_not_normal"] = {"phone": REJECT_INVALID_PHONE, "email": REJECT_INVALID_EMAIL}.get(kind,
+                                                                                                   REJECT_UNMATCHED)
+    return template.format(checks=checks_sql, normalized=normalized, lookup=lookup_sql), params
+
+
 def validate_file(
     con: duckdb.DuckDBPyConnection,
     raw_path: Path,
@@ -165,19 +233,18 @@ def validate_file(
         "pattern": rules.pattern, "r_pattern": REJECT_PATTERN, "hashed_types": hashed_types,
         "max_audience_name": MAX_AUDIENCE_NAME,
     }
+    registry_invalid = 0
     if users is not None:
-        lookup_sql, lookup_params = users.lookup_query(con, mappings)
-        resolved_sql = f"""
-            SELECT c.*, u.user_id,
-                   coalesce(c.reason, CASE WHEN u.user_id IS NULL THEN $r_unmatched END) AS final_reason
-            FROM ({checks_sql}) c
-            LEFT JOIN ({lookup_sql}) u
-              ON u.identifier_type = c.identifier_type AND u.identifier = c.identifier AND c.reason IS NULL
-        """
-        params = params | lookup_params | {"r_unmatched": REJECT_UNMATCHED}
+        # lookups are built once per registry version, beside the work folders (the lake's staging)
+        lookup_sql, lookup_params, registry_invalid = users.lookup_query(con, feed, mappings, work_dir.parent)
+        columns = {d[0] for d in con.execute(f"SELECT * FROM ({parse_sql}) LIMIT 0", parse_params).description}
+        resolved_sql, resolution_params = _resolution_sql(checks_sql, lookup_sql, feed, "candidates" in columns)
+        params = params | lookup_params | resolution_params
     else:
+        # a format whose identifiers have several types keeps the type in the user id (formats/__init__.py)
+        user_id = fmt.user_id_sql(feed) if hasattr(fmt, "user_id_sql") else "identifier"
         resolved_sql = f"""
-            SELECT c.*, CASE WHEN c.reason IS NULL THEN c.identifier END AS user_id, c.reason AS final_reason
+            SELECT c.*, CASE WHEN c.reason IS NULL THEN {user_id} END AS user_id, c.reason AS final_reason
             FROM ({checks_sql}) c
         """
     classified = f"""
@@ -190,12 +257,14 @@ def validate_file(
         raise _parse_error(file_name, exc) from exc
     valid, warnings = con.execute("SELECT count(*), count(warning) FROM read_parquet(?)",
                                   [str(rows_path)]).fetchone()
-    rejected, unmatched, counted = con.execute(
-        """SELECT count(*), count(*) FILTER (WHERE reason = ?),
+    rejected, unmatched, ineligible, counted = con.execute(
+        """SELECT count(*), count(*) FILTER (WHERE reason = ?), count(*) FILTER (WHERE reason = ?),
                   count(*) FILTER (WHERE NOT list_contains(?, reason))
            FROM read_parquet(?)""",
-        [REJECT_UNMATCHED, list(NOT_COUNTED_REJECTS), str(rejected_path)],
+        [REJECT_UNMATCHED, REJECT_INELIGIBLE, list(NOT_COUNTED_REJECTS), str(rejected_path)],
     ).fetchone()
+    resolved_by = {} if users is None else dict(con.execute(
+        "SELECT identifier_type, count(*) FROM read_parquet(?) GROUP BY 1 ORDER BY 1", [str(rows_path)]).fetchall())
     total = valid + rejected
     examined = valid + counted
     named = {r[0] for r in con.execute("SELECT DISTINCT audience_key FROM read_parquet(?)",
@@ -214,7 +283,7 @@ def validate_file(
             f"{file_name}: {counted} of {examined} rows rejected ({counted / examined:.1%}), over the feed's "
             f"max_reject_ratio of {feed.max_reject_ratio:.1%} ({shown})"
         )
-    if total == 0 or (valid == 0 and rejected == total and unmatched == 0 and counted == 0):
+    if total == 0 or (valid == 0 and rejected == total and unmatched + ineligible == 0 and counted == 0):
         raise FileRejected(f"{file_name}: no identifiers (only blank lines)")
     check_canonical_contract(rows_path)
     return ValidationResult(
@@ -226,4 +295,7 @@ def validate_file(
         unmatched=unmatched,
         warnings=warnings,
         audiences=audiences,
+        ineligible=ineligible,
+        resolved_by=resolved_by,
+        registry_invalid=registry_invalid,
     )

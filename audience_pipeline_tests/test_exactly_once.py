@@ -43,7 +43,8 @@ def test_versions_arriving_together_apply_in_arrival_order(make_env):
     drop.mkdir(parents=True, exist_ok=True)
 
     def command(op):
-        return json.dumps({"operation": op, "expiration_duration": 0, "user_account_id": "u1", "segment_id": "s"})
+        return json.dumps({"operation": op, "expiration_duration": 0, "user_account_id": "u1",
+                           "segment_technical_name": "s"})
 
     # z_first.ndjson arrives first although its name sorts last
     (drop / "z_first.ndjson").write_text(command("UPDATE") + "\n")
@@ -52,3 +53,5 @@ def test_versions_arriving_together_apply_in_arrival_order(make_env):
     records = env.runner.poll("mics")
     assert [r.file_name for r in records] == ["z_first.ndjson", "a_second.ndjson"]
     assert env.members("s") == set()  # the DELETE that arrived last wins
+    assert env.query("SELECT action FROM membership_events WHERE audience_name = 's' ORDER BY import_id") == [
+        ("qualify",), ("disqualify",)]

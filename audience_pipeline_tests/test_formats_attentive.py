@@ -60,7 +60,8 @@ def test_four_phone_spellings_are_one_subscriber(attentive, sftp_server):
     upload(sftp_server, "sirendenim_subscriber_segment_20201126.csv", bad)
     [second] = env.runner.poll("attentive")
     assert env.query("SELECT line_number, reason FROM rejected_rows WHERE import_id = ? ORDER BY 1",
-                     [second.import_id]) == [(1, "phone_length"), (2, "not_a_phone"), (3, "phone_length")]
+                     [second.import_id]) == [(1, "invalid_phone: too_short"), (2, "invalid_phone: not_a_number"),
+                                             (3, "invalid_phone: too_long")]
     assert env.members("vip") == {"+442079460958"}  # a newer date replaces the list
 
 

@@ -54,30 +54,42 @@ def test_commands_apply_in_line_order_across_segments(mics):
     record = mics.import_file("batch.ndjson", text, feed="mics")
     assert record.status == "succeeded"
     assert (record.qualified, record.disqualified, record.noops) == (3, 0, 1)
-    assert mics.members("100") == {"U1", "U3"}
+    assert mics.members("segment_id:100") == {"U1", "U3"}
     assert mics.members("vip") == {"U2"}  # the hashed e-mail resolved through the registry's e-mail
-    [(bag,)] = mics.query("SELECT data_bag FROM members WHERE audience_name = '100' AND user_id = 'U1'")
+    [(bag,)] = mics.query("SELECT data_bag FROM members WHERE audience_name = 'segment_id:100' AND user_id = 'U1'")
     assert json.loads(bag) == {"score": 7}
 
     # a later file removes and refreshes; segments it does not name are untouched (incremental)
     later = ndjson({"operation": "DELETE", "expiration_duration": 0, "user_agent_id": "dev-3", "segment_id": "100"})
     record = mics.import_file("later.ndjson", later, feed="mics")
     assert (record.qualified, record.disqualified) == (0, 1)
-    assert mics.members("100") == {"U1"} and mics.members("vip") == {"U2"}
+    assert mics.members("segment_id:100") == {"U1"} and mics.members("vip") == {"U2"}
 
 
 def test_compartment_qualifies_the_account(mics):
     text = ndjson({"operation": "UPDATE", "expiration_duration": 0, "compartment_id": "c9",
                    "user_account_id": "acc-3", "segment_id": "7"})
     mics.import_file("c.ndjson", text, feed="mics")
-    assert mics.members("7") == {"U3"}
+    assert mics.members("segment_id:7") == {"U3"}
 
 
-def test_a_line_with_several_identifiers_uses_the_first_in_order(mics):
-    text = ndjson({"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "acc-2",
-                   "email_hash": sha("ann@example.com"), "user_agent_id": "dev-1", "segment_id": "both"})
-    mics.import_file("both.ndjson", text, feed="mics")
-    assert mics.members("both") == {"U2"}
+def test_a_line_with_several_identifiers_is_the_first_that_resolves(mics):
+    """Every identifier of a line is tried in order; two that resolve to different users reject the line."""
+    text = ndjson(
+        # the account is unknown, the e-mail hash is Ann's: Ann, not unmatched
+        {"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "acc-9",
+         "email_hash": sha("ann@example.com"), "segment_technical_name": "both"},
+        # Bob's account, Ann's e-mail and device: which user is meant cannot be told
+        {"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "acc-2",
+         "email_hash": sha("ann@example.com"), "user_agent_id": "dev-1", "segment_technical_name": "both"},
+        # Bob's account and device agree
+        {"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "acc-2", "user_agent_id": "dev-2",
+         "segment_technical_name": "both"},
+    )
+    record = mics.import_file("both.ndjson", text, feed="mics")
+    assert mics.members("both") == {"U1", "U2"}
+    assert mics.query("SELECT line_number, reason FROM rejected_rows WHERE import_id = ?", [record.import_id]) == [
+        (2, "identifier_conflict")]
 
 
 def test_expiry_duration_ts_and_precedence(mics):
@@ -94,7 +106,7 @@ def test_expiry_duration_ts_and_precedence(mics):
          "user_agent_id": "dev-1", "segment_id": "exp"},
     )
     record = mics.import_file("exp.ndjson", text, feed="mics")
-    expiries = dict(mics.query("SELECT user_id, expires_at FROM members WHERE audience_name = 'exp'"))
+    expiries = dict(mics.query("SELECT user_id, expires_at FROM members WHERE audience_name = 'segment_id:exp'"))
     assert set(expiries) == {"U1", "U2"}  # an expiry already past is not a membership
     # a duration counts from the import's instant: when its events happen and its version starts
     assert expiries["U1"] == record.applied_at + timedelta(minutes=60)
@@ -119,7 +131,7 @@ def test_the_last_update_replaces_expiry_and_data_bag_even_with_none(mics):
     )
     record = mics.import_file("last.ndjson", text, feed="mics")
     rows = {u: (e, b) for u, e, b in mics.query(
-        "SELECT user_id, expires_at, data_bag FROM members WHERE audience_name = 'last'")}
+        "SELECT user_id, expires_at, data_bag FROM members WHERE audience_name = 'segment_id:last'")}
     assert rows["U1"] == (None, None)
     assert rows["U2"] == (record.applied_at + timedelta(minutes=30), json.dumps({"tier": "new"}))
 
@@ -137,7 +149,7 @@ def test_bad_lines_are_rejected_with_reasons(mics):
         json.dumps({"operation": "UPDATE", "expiration_duration": 0, "user_account_id": "nobody", "segment_id": "b"}),
     ]
     record = mics.import_file("bad.ndjson", "\n".join(lines) + "\n", feed="mics")
-    assert record.status == "succeeded" and mics.members("b") == {"U1"}
+    assert record.status == "succeeded" and mics.members("segment_id:b") == {"U1"}
     assert mics.query("SELECT line_number, reason FROM rejected_rows WHERE import_id = ? ORDER BY 1",
                       [record.import_id]) == [
         (2, "invalid_json"), (3, "invalid_operation"), (4, "missing_expiration_duration"),
@@ -191,4 +203,4 @@ def test_the_sensor_picks_up_ndjson_and_csv(mics):
     (drop / "c.json").write_text("[]")
     records = mics.runner.poll("mics")
     assert sorted(r.file_name for r in records) == ["a.ndjson", "b.csv"]
-    assert mics.members("s") == {"U1", "U2"}
+    assert mics.members("segment_id:s") == {"U1", "U2"}

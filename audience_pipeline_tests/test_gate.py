@@ -92,7 +92,7 @@ def test_incremental_imports_wait_behind_a_held_one(make_env):
 
     def cmds(op, ids):
         return "".join(json.dumps({"operation": op, "expiration_duration": 0, "user_account_id": u,
-                                   "segment_id": "q"}) + "\n" for u in ids)
+                                   "segment_technical_name": "q"}) + "\n" for u in ids)
 
     env.import_file("1.ndjson", cmds("UPDATE", ["a", "b", "c", "d", "e"]), feed="mics")
     held = env.import_file("2.ndjson", cmds("DELETE", ["a", "b", "c"]), feed="mics")

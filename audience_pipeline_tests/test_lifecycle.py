@@ -51,7 +51,7 @@ def test_a_deleted_name_is_reused_where_the_format_creates_segments(make_env):
     (env.root / "drop" / "mics").mkdir(parents=True)
 
     def commands(*users):
-        return "".join(json.dumps({"operation": "UPDATE", "expiration_duration": 0, "user_agent_id": u,
+        return "".join(json.dumps({"operation": "UPDATE", "expiration_duration": 0, "user_account_id": u,
                                    "segment_technical_name": "seg"}) + "\n" for u in users)
 
     first = env.import_file("a.ndjson", commands("u1", "u2"), feed="mics")

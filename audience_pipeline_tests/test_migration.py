@@ -50,17 +50,22 @@ def test_a_0_1_0_catalog_is_migrated_in_place(make_env, catalog_location, tmp_pa
         columns = [r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'imports' "
             "ORDER BY ordinal_position").fetchall()]
-    assert columns[-4:] == ["holder", "alive_at", "applied_at", "profile"] and "status" in columns
+    assert columns[-6:] == ["holder", "alive_at", "applied_at", "profile", "ineligible", "resolved_by"]
+    assert "status" in columns
+    with catalog.session() as con:
+        sweeps = con.execute("SELECT count(*) FROM eligibility_sweeps").fetchone()
+    assert sweeps == (0,)
     failed = catalog.get_import(1)
-    assert (failed.status, failed.error, failed.holder) == ("failed", "empty file", None)
+    assert (failed.status, failed.error, failed.holder, failed.ineligible, failed.resolved_by) == (
+        "failed", "empty file", None, None, None)
 
     record = env.import_file("a.csv", "u1\nu2\n")
     assert record.import_id == 3 and record.status == "succeeded" and env.members("a") == {"u1", "u2"}
     assert record.holder is not None and f"run {record.run_id}" in record.holder
     stranded = catalog.get_import(2)
     assert stranded.status == "abandoned" and "holder (unknown) died" in stranded.error
-    assert env.query("SELECT import_id, status FROM imports ORDER BY 1") == [
-        (1, "failed"), (2, "abandoned"), (3, "succeeded")]
+    assert env.query("SELECT import_id, status, ineligible, resolved_by FROM imports ORDER BY 1") == [
+        (1, "failed", None, None), (2, "abandoned", None, None), (3, "succeeded", 0, "{}")]
 
     # 0.1.0's UNIQUE (feed, name) is gone: a deleted name can be reused where the feed says so
     env.runner.service.delete_audience("repro", "a")
@@ -98,3 +103,26 @@ def test_an_older_views_file_and_placeholder_are_rewritten(make_env, tmp_path):
     assert env.query("SELECT audience_name, list_time FROM audience_versions") == [("a", None)]
     assert env.query("SELECT user_id, observed_at FROM membership_events") == [("u1", None)]
     assert prepare(env.workspace) is False  # current: left alone
+
+
+def test_views_are_written_over_snapshots_older_than_their_columns(make_env):
+    """A workspace upgraded before its next import holds only snapshots of the older shape (no list_time,
+    ineligible, resolved_by): the views are still written, and read those columns as NULL."""
+    from audience_pipeline.workspace_setup import prepare
+
+    env = make_env(base_config())
+    env.import_file("a.csv", "u1\n")
+    snapshots = sorted(env.workspace.lake.glob("catalog/snapshots/*/snapshot.parquet"))
+    for older in snapshots[:-1]:
+        older.unlink()
+    con = duckdb.connect()
+    newest = str(snapshots[-1])
+    con.execute(f"COPY (SELECT * EXCLUDE (list_time, ineligible, resolved_by) FROM read_parquet('{newest}')) "
+                f"TO '{newest}.old' (FORMAT parquet)")
+    con.close()
+    Path(newest + ".old").replace(newest)
+    env.workspace.analytics.unlink()
+    assert prepare(env.workspace) is True
+    assert env.query("SELECT file_name, status, ineligible, resolved_by FROM imports") == [
+        ("a.csv", "succeeded", None, None)]
+    assert env.query("SELECT audience_name, list_time FROM audience_versions") == [("a", None)]

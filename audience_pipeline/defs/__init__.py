@@ -7,6 +7,7 @@ from audience_pipeline.defs.assets import (
     raw_audience_file,
     validated_audience_file,
 )
+from audience_pipeline.defs.eligibility import build_registry_sensor, registry_eligibility_job
 from audience_pipeline.defs.expiry import audience_expiry_job, audience_expiry_schedule
 from audience_pipeline.defs.lifecycle import audience_approve_job, audience_delete_job, audience_reject_job
 from audience_pipeline.defs.notifications import build_freshness_sensor, import_run_failure_sensor
@@ -20,12 +21,13 @@ def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[raw_audience_file, validated_audience_file, membership_diff],
         jobs=[audience_import_job, audience_retention_job, audience_expiry_job, audience_delete_job,
-              audience_approve_job, audience_reject_job],
+              audience_approve_job, audience_reject_job, registry_eligibility_job],
         schedules=[audience_retention_schedule, audience_expiry_schedule],
         sensors=[
             *(build_feed_sensor(name, feed) for name, feed in sorted(workspace.config.feeds.items())),
             import_run_failure_sensor,
             build_freshness_sensor(workspace),
+            build_registry_sensor(workspace),
         ],
         resources={"audience_workspace": AudienceWorkspace(config_path=str(workspace.path))},
     )

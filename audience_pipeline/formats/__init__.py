@@ -16,7 +16,12 @@ A format module provides:
   parsed rows with the columns in ``PARSED_COLUMNS`` (``expires_at`` an instant, or ``expires_in`` seconds
   from the import's instant); a row the format itself cannot use carries a
   ``reject_reason``. It may write intermediate files into ``work_dir``. Its parameters are named
-  (``$<format>_<name>``) so that queries can be nested without re-ordering.
+  (``$<format>_<name>``) so that queries can be nested without re-ordering. It may add the column
+  ``candidates``, ``LIST(STRUCT(identifier_type VARCHAR, identifier VARCHAR))``: every identifier of the line in
+  the format's priority order, for registry resolution; ``identifier_type``/``identifier`` are its first;
+- optionally ``user_id_sql(feed) -> str``: a DuckDB expression over the columns ``identifier_type`` and
+  ``identifier`` giving the user id when no registry is used (by default, the identifier); it must give
+  distinct user ids to distinct (type, identifier) pairs.
 
 Formats never touch storage or Dagster; the shared validator applies identifier rules, registry
 resolution and the reject policy to whatever they produce.

@@ -7,12 +7,12 @@ whitespace (segment names contain spaces). The files of one date are together th
 segment they name: a segment's list is the union of the latest delivery of each part of its newest date (a
 re-upload of a part replaces that part's rows), a newer date replaces it, an older date is stale.
 
-Phones become E.164. The vendor's accepted spellings (``1234567890``, ``123-456-7890``, ``1123-456-7890``,
-``11234567890``) fail phonenumbers' strict validity (123 is not an assignable US area code) and two of them
-format wrongly there, so numbers without ``+`` are normalized by their digits for the default region
-(national length -> country code + digits; country code + national length -> + digits), and phonenumbers
-handles ``+`` numbers and other regions, once per distinct value. A number that is not a valid
-assignment is accepted and counted as a warning; only what cannot be a phone at all is rejected.
+Phones become E.164 by ``phones.e164_sql`` for the feed's ``default_region`` (any region), inside DuckDB:
+phonenumbers' possible-number rules, except country code 1, read by its digits so that the vendor's
+accepted spellings (``1234567890``, ``123-456-7890``, ``1123-456-7890``, ``11234567890``) are one subscriber
+although phonenumbers calls 123 no assignable area code. A number that is possible but not a valid
+assignment is accepted and counted as a warning (``not_a_valid_number``); what cannot be a phone is
+rejected as ``invalid_phone: <problem>``, the problem one of ``phones.PROBLEMS``.
 """
 
 from __future__ import annotations
@@ -22,20 +22,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-import phonenumbers
 
-from audience_pipeline.duck import copy_to_parquet
+from audience_pipeline import phones
 from audience_pipeline.formats.errors import FileRejected
 from audience_pipeline.formats.lines import NUMBERED_LINES, REPLACEMENT_CHARACTER, write_numbered_lines
-from audience_pipeline.model import Semantics
+from audience_pipeline.model import REJECT_INVALID_PHONE, Semantics
 
 NAME = "attentive"
 # Letters, digits, spaces, '_' and '-': the seed forbids "special characters" without listing them.
 SEGMENT_PATTERN = r"[A-Za-z0-9 _-]+"
 SEGMENT_MAX = 64
 EMAIL_PATTERN = r"[^@\s]+@[^@\s]+\.[^@\s]+"
-# National significant number lengths where phonenumbers knows a single fixed length.
-NATIONAL_DIGITS = {"US": 10, "CA": 10, "GB": 10, "FR": 9, "DE": 11, "ES": 9, "IT": 10, "AU": 9}
 
 
 def file_pattern(domain: str) -> re.Pattern:
@@ -99,28 +96,6 @@ SPLIT = """
 """
 
 
-def _plus_numbers(con: duckdb.DuckDBPyConnection, split_sql: str, params: dict, region: str,
-                  digit_rule: bool) -> None:
-    """Register ``phone_map(ident, e164, valid)`` for every distinct spelling the digit rule does not cover
-    (``+`` numbers, or every number in a region without a fixed national length), through phonenumbers."""
-    condition = "starts_with(ident, '+')" if digit_rule else "true"
-    values = [r[0] for r in con.execute(
-        f"""SELECT DISTINCT ident FROM ({split_sql})
-            WHERE ident <> '' AND NOT contains(ident, '@') AND {condition}""", params).fetchall()]
-    mapped = []
-    for value in values:
-        try:
-            number = phonenumbers.parse(value, region)
-        except phonenumbers.NumberParseException:
-            mapped.append((value, None, None))
-            continue
-        mapped.append((value, phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
-                       phonenumbers.is_valid_number(number)))
-    con.execute("CREATE OR REPLACE TEMP TABLE phone_map (ident VARCHAR, e164 VARCHAR, valid BOOLEAN)")
-    if mapped:
-        con.executemany("INSERT INTO phone_map VALUES (?, ?, ?)", mapped)
-
-
 def parse_query(text_path: Path, file_name: str, feed, work_dir: Path, received_at) -> tuple[str, dict]:
     listed = list_date(file_name, feed)
     params = write_numbered_lines(text_path, work_dir / "lines.parquet")
@@ -140,18 +115,14 @@ def parse_query(text_path: Path, file_name: str, feed, work_dir: Path, received_
         }
         if feed.subscriber_type == "email":
             return EMAIL_SQL.format(split=split_sql), common | {"att_email": EMAIL_PATTERN}
-        region = feed.default_region.upper()
-        national = NATIONAL_DIGITS.get(region)
-        _plus_numbers(con, split_sql, params, region, national is not None)
-        map_path = work_dir / "phone_map.parquet"
-        copy_to_parquet(con, "SELECT * FROM phone_map", [], map_path)
     finally:
         con.close()
-    country = str(phonenumbers.country_code_for_region(region))
-    return PHONE_SQL.format(split=split_sql), common | {
-        "att_map": str(map_path), "att_cc": country, "att_national": national or -1,
-        "att_nanp": country == "1",
-    }
+    try:
+        phone_sql, phone_params = phones.e164_sql("ident", feed.default_region)
+    except ValueError as exc:
+        raise FileRejected(f"{file_name}: the feed's default_region: {exc}") from None
+    return PHONE_SQL.format(split=split_sql, phone=phone_sql), common | phone_params | {
+        "att_invalid_phone": REJECT_INVALID_PHONE + ": "}
 
 
 SEGMENT_CHECKS = """
@@ -176,37 +147,21 @@ EMAIL_SQL = """
     FROM s
 """
 
-# Without '+', a number is its digits for the default region: the national length gets the country code,
-# the country code plus the national length gets a '+'. For +1 (NANP) validity is area code and exchange
-# starting 2-9; elsewhere phonenumbers decides (for the distinct '+' spellings it parsed).
+# phones.e164_sql reads the number (see there); a number it cannot read is rejected with its problem.
 PHONE_SQL = r"""
     WITH s AS ({split}),
-    n AS (
-        SELECT s.*, m.e164 AS mapped, m.valid AS mapped_valid,
-               CASE WHEN m.ident IS NOT NULL THEN m.e164
-                    WHEN NOT regexp_full_match(digits, '[0-9]+') THEN NULL
-                    WHEN length(digits) = $att_national THEN '+' || $att_cc || digits
-                    WHEN length(digits) = $att_national + length($att_cc) AND starts_with(digits, $att_cc)
-                        THEN '+' || digits
-               END AS e164
-        FROM s LEFT JOIN read_parquet($att_map) m ON m.ident = s.ident
-    )
+    n AS (SELECT s.*, {phone} AS phone FROM s)
     SELECT source_line, line AS raw, segment AS audience_key, $att_type::VARCHAR AS identifier_type,
-           e164 AS identifier, 'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
+           phone.e164 AS identifier, 'add' AS action, NULL::TIMESTAMPTZ AS expires_at, NULL::BIGINT AS expires_in,
            NULL::VARCHAR AS data_bag,
            $att_listed::TIMESTAMPTZ AS observed_at,
-           CASE WHEN e164 IS NOT NULL AND NOT coalesce(
-                    mapped_valid,
-                    CASE WHEN $att_nanp THEN regexp_full_match(e164, '\+1[2-9][0-9]{{2}}[2-9][0-9]{{6}}') END,
-                    true)
-                THEN 'not_a_valid_number' END AS warning,
+           CASE WHEN NOT phone.valid THEN 'not_a_valid_number' END AS warning,
            CASE
                WHEN l = '' THEN 'blank_line'
                WHEN overflow IS NOT NULL THEN 'control_character'
                WHEN contains(l, $att_replacement) THEN 'invalid_utf8'
                WHEN ident = '' THEN 'missing_identifier'
-               WHEN regexp_matches(ident, '[A-Za-z]') THEN 'not_a_phone'
-               WHEN e164 IS NULL THEN 'phone_length'
+               WHEN phone.problem IS NOT NULL THEN $att_invalid_phone || phone.problem
 """ + SEGMENT_CHECKS + """
            END AS reject_reason
     FROM n

@@ -8,6 +8,7 @@ that rename is the commit point analysts see.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -68,6 +69,8 @@ class ImportRecord:
     alive_at: datetime | None = None  # its last sign of life: the last step it recorded
     applied_at: datetime | None = None  # its one instant: events' event_at and its versions' valid_from
     profile: str | None = None  # the feed profile whose options the file was read with (Loymax)
+    ineligible: int | None = None  # rows whose user the registry does not make eligible for the feed
+    resolved_by: str | None = None  # JSON: identifier type -> rows it resolved through the registry
 
     @property
     def finished(self) -> bool:
@@ -95,6 +98,17 @@ class NewVersion:
 
 
 @dataclass(frozen=True)
+class SweepRecord:
+    """A feed's opt-out sweep: its number, the registry version it applied, the instant it read the lists at
+    (imports finished after it with another registry version call for another sweep), its import if any."""
+
+    sweep: int
+    users_sha256: str
+    watermark: datetime
+    import_id: int | None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """Counts that close an import."""
 
@@ -110,6 +124,12 @@ class Outcome:
     warnings: int | None = None
     audiences: tuple[str, ...] = ()
     users_sha256: str | None = None
+    ineligible: int | None = None
+    resolved_by: dict[str, int] | None = None
+
+    @property
+    def resolved_by_json(self) -> str | None:
+        return None if self.resolved_by is None else json.dumps(self.resolved_by, sort_keys=True)
 
 
 class Catalog:
@@ -297,7 +317,8 @@ class Catalog:
             sql.FINISH_IMPORT,
             [status, error, outcome.rows_total, outcome.rows_valid, outcome.rows_rejected, outcome.duplicates,
              outcome.unmatched, outcome.qualified, outcome.disqualified, outcome.members, outcome.noops,
-             outcome.warnings, list(outcome.audiences), outcome.users_sha256, at, import_id],
+             outcome.warnings, list(outcome.audiences), outcome.users_sha256, outcome.ineligible,
+             outcome.resolved_by_json, at, import_id],
         )
 
     # -- audiences ---------------------------------------------------------------------------------
@@ -518,7 +539,8 @@ class Catalog:
             con.execute(sql.SET_PENDING, [
                 status, reason, outcome.qualified, outcome.disqualified, outcome.members, list(outcome.audiences),
                 outcome.rows_total, outcome.rows_valid, outcome.rows_rejected, outcome.duplicates,
-                outcome.unmatched, outcome.users_sha256, _now(con), import_id])
+                outcome.unmatched, outcome.users_sha256, outcome.ineligible, outcome.resolved_by_json, _now(con),
+                import_id])
         return self._published(import_id)
 
     def set_status(self, import_id: int, status: str, reason: str) -> ImportRecord:
@@ -544,6 +566,39 @@ class Catalog:
         finally:
             con.close()
         return sorted((files[a][0], files[a][1], a) for (a,) in rows)
+
+    # -- opt-out sweeps (audience_pipeline.eligibility) ----------------------------------------------------
+    def now(self) -> datetime:
+        """The catalog's clock (the one finished_at and the other recorded instants come from)."""
+        with self.session() as con:
+            return _now(con)
+
+    def feed_current_versions(self, feed: str) -> list[tuple[int, str, int, datetime | None]]:
+        """(audience_id, name, version, list_time) of the current non-empty list of each live audience."""
+        with self.session() as con:
+            return con.execute(sql.FEED_CURRENT_VERSIONS, [feed]).fetchall()
+
+    def last_sweep(self, feed: str) -> SweepRecord | None:
+        with self.session() as con:
+            row = con.execute(sql.LAST_SWEEP, [feed]).fetchone()
+        return SweepRecord(*row) if row else None
+
+    def record_sweep(self, feed: str, sweep: int, users_sha256: str, import_id: int | None,
+                     watermark: datetime) -> None:
+        """Record a feed's opt-out sweep (once: a concurrent run of the same sweep records nothing more)."""
+        with self.session() as con:
+            con.execute(sql.RECORD_SWEEP, [feed, sweep, users_sha256, import_id, watermark])
+
+    def stale_since_sweep(self, feed: str, watermark: datetime, users_sha256: str, any_registry: bool) -> int:
+        """How many imports of the feed added members after ``watermark`` resolved against another registry
+        (with ``any_registry``, against any)."""
+        with self.session() as con:
+            return con.execute(sql.STALE_SINCE_SWEEP, [feed, watermark, any_registry, users_sha256]).fetchone()[0]
+
+    def import_versions(self, import_id: int) -> list[tuple[str, int, int, int]]:
+        """(audience name, members before, members after, removed) of each audience the import changed."""
+        with self.session() as con:
+            return con.execute(sql.IMPORT_VERSIONS, [import_id]).fetchall()
 
     def record_erasure(self, user_sha256: str, imports: list[int], files_rewritten: int) -> None:
         with self.session() as con:

@@ -70,13 +70,28 @@ CREATE TABLE IF NOT EXISTS notifications (key VARCHAR PRIMARY KEY, sent_at TIMES
 CREATE TABLE IF NOT EXISTS erasures (
     erased_at TIMESTAMPTZ NOT NULL, user_sha256 VARCHAR NOT NULL, imports BIGINT[], files_rewritten BIGINT
 );
+-- Per feed, each opt-out sweep (audience_pipeline.eligibility): the registry version it applied, the import that
+-- disqualified the members it found ineligible (none when it found none), and its watermark (imports finished
+-- after it, validated against another registry version, call for another sweep).
+CREATE TABLE IF NOT EXISTS eligibility_sweeps (
+    feed          VARCHAR NOT NULL,
+    sweep         BIGINT NOT NULL,
+    users_sha256  VARCHAR NOT NULL,
+    import_id     BIGINT,
+    watermark     TIMESTAMPTZ NOT NULL,
+    swept_at      TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (feed, sweep)
+);
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS holder VARCHAR;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS alive_at TIMESTAMPTZ;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS applied_at TIMESTAMPTZ;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS profile VARCHAR;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS ineligible BIGINT;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS resolved_by VARCHAR;
 """
-# The ALTERs are the migration of catalogs made before liveness (0.1.0); a new catalog gets its columns
-# the same way, so that old and new catalogs have the same column order.
+# The ALTERs are the migration of catalogs made before liveness (0.1.0) and before the eligibility counts
+# (ineligible; resolved_by, the rows each identifier type resolved, as JSON text); a new catalog gets its
+# columns the same way, so that old and new catalogs have the same column order.
 
 GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
 SET_CURSOR = "INSERT INTO poll_cursors VALUES (?, ?) ON CONFLICT (feed) DO UPDATE SET cursor = excluded.cursor"
@@ -113,7 +128,7 @@ OWN_STATUS = "SELECT status FROM imports WHERE import_id = ?"
 FINISH_IMPORT = """
 UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
        unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, warnings = ?,
-       audiences = CAST(? AS VARCHAR[]), users_sha256 = ?, finished_at = ?
+       audiences = CAST(? AS VARCHAR[]), users_sha256 = ?, ineligible = ?, resolved_by = ?, finished_at = ?
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
@@ -171,7 +186,7 @@ FROM audience_versions v JOIN audiences a USING (audience_id)
 UNION ALL BY NAME
 SELECT 'import' AS record, import_id, feed, source_uri, file_name, sha256, size_bytes, semantics, status,
        rows_total, rows_valid, rows_rejected, duplicates, unmatched, qualified, disqualified, members,
-       noops, warnings, audiences, error, users_sha256, run_id, received_at, finished_at
+       noops, warnings, audiences, error, users_sha256, run_id, received_at, finished_at, ineligible, resolved_by
 FROM imports WHERE status <> 'received'
 """
 
@@ -204,6 +219,7 @@ WHERE v.valid_to IS NULL AND v.next_expiry <= ? ORDER BY a.feed, v.audience_id
 """
 
 AUDIENCE_STATUS = "SELECT name, status FROM audiences WHERE audience_id = ANY(CAST(? AS BIGINT[]))"
+
 ACTIVE_AUDIENCES = """
 SELECT count(*) FROM audiences a
 WHERE a.feed = ? AND a.status = 'active'
@@ -222,7 +238,7 @@ SET_PENDING = """
 UPDATE imports SET status = ?, error = ?, qualified = ?, disqualified = ?, members = ?,
        audiences = CAST(? AS VARCHAR[]),
        rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?, unmatched = ?, users_sha256 = ?,
-       finished_at = ?, applied_at = NULL
+       ineligible = ?, resolved_by = ?, finished_at = ?, applied_at = NULL
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
@@ -236,6 +252,30 @@ RELEASE_NOTIFICATION = "DELETE FROM notifications WHERE key = ?"
 LAST_DELIVERY = "SELECT max(received_at) FROM imports WHERE feed = ? AND source_uri LIKE '%://%'"
 
 RECORD_ERASURE = "INSERT INTO erasures VALUES (now(), ?, CAST(? AS BIGINT[]), ?)"
+
+# Opt-out sweeps (audience_pipeline.eligibility). The current, non-empty lists of a feed's live audiences:
+FEED_CURRENT_VERSIONS = """
+SELECT v.audience_id, a.name, v.version, v.list_time FROM audience_versions v JOIN audiences a USING (audience_id)
+WHERE a.feed = ? AND a.status = 'active' AND v.valid_to IS NULL AND v.member_count > 0 ORDER BY v.audience_id
+"""
+LAST_SWEEP = """
+SELECT sweep, users_sha256, watermark, import_id FROM eligibility_sweeps WHERE feed = ? ORDER BY sweep DESC LIMIT 1
+"""
+RECORD_SWEEP = "INSERT INTO eligibility_sweeps VALUES (?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING"
+# File imports that added members after a sweep's watermark, validated against another registry version: an
+# import validated before the registry changed and committed after the sweep may have re-added an opted-out user.
+# With the first parameter true, any registry version: a list unioned with other parts' rows (Attentive) re-adds
+# those parts' members as validated when they arrived.
+STALE_SINCE_SWEEP = """
+SELECT count(*) FROM imports
+WHERE feed = ? AND status = 'succeeded' AND sha256 IS NOT NULL AND qualified > 0 AND finished_at > ?
+  AND (CAST(? AS BOOLEAN) OR users_sha256 IS DISTINCT FROM ?)
+"""
+# Per audience an import changed: its name, members before and after, and how many it removed.
+IMPORT_VERSIONS = """
+SELECT a.name, v.member_count - v.qualified + v.disqualified, v.member_count, v.disqualified
+FROM audience_versions v JOIN audiences a USING (audience_id) WHERE v.import_id = ? ORDER BY a.name
+"""
 
 # Per-audience commit locks: a row per audience being committed, owned by an import. A lock is as alive as
 # the holder of its import (storage.liveness): a dead holder's rows are deleted by the next import that

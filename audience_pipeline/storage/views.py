@@ -17,7 +17,9 @@ from audience_pipeline.storage.lake import Lake
 
 # Raised whenever a view's columns change: an analytics file of another version is rewritten (by rename, so
 # sessions holding the old one keep it) the next time the workspace is prepared.
-VIEWS_VERSION = 2
+VIEWS_VERSION = 3
+# Snapshot columns that older snapshots lack, with their types.
+NEWER_SNAPSHOT_COLUMNS = "NULL::TIMESTAMPTZ AS list_time, NULL::BIGINT AS ineligible, NULL::VARCHAR AS resolved_by"
 
 
 def _scan(sources: list[str], union_by_name: bool = False) -> str:
@@ -40,11 +42,14 @@ def view_statements(lake: Lake) -> list[str]:
     # the hive column prunes every other snapshot from the scan.
     newest = f"(SELECT max(regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT) FROM glob({glob}))"
     snapshot = f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true) WHERE seq = {newest})"
-    # Snapshots written before list_time existed can outlive an upgrade by SNAPSHOT_GRACE_SECONDS, and a scan
-    # takes its columns from its first file: union_by_name for the one view that reads list_time. (Not for
-    # the others: it keeps the members views from pruning their scans to one version's folder.)
-    versions = (f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true, union_by_name = true)"
-                f" WHERE seq = {newest})")
+    # Snapshots written before list_time (or ineligible and resolved_by) existed can outlive an upgrade by
+    # SNAPSHOT_GRACE_SECONDS, and a scan takes its columns from its first file: union_by_name for the views
+    # that read them. (Not for the others: it keeps the members views from pruning their scans to one
+    # version's folder.) The empty typed row gives those columns even when every snapshot is older (a
+    # workspace upgraded before its next import), so the views can be written then.
+    by_name = (f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true, union_by_name = true)"
+               f" WHERE seq = {newest}"
+               f" UNION ALL BY NAME SELECT {NEWER_SNAPSHOT_COLUMNS} WHERE false)")
     members, rejected = _scan(lake.members_sources), _scan(lake.rejected_sources)
     events = _scan(lake.events_sources, union_by_name=True)  # observed_at came with views version 2
     # An audience is (feed, name): the optional third argument keeps two feeds' audiences of one name apart.
@@ -60,18 +65,28 @@ def view_statements(lake: Lake) -> list[str]:
                     AND valid_from <= ts::TIMESTAMPTZ AND (valid_to IS NULL OR valid_to > ts::TIMESTAMPTZ)) v
               ON m.audience_id = v.audience_id AND m.version = v.version
             WHERE m.expires_at IS NULL OR m.expires_at > ts::TIMESTAMPTZ"""
+    # Every audience a user is in at an instant (Loymax's customer profile), from the lists valid then.
+    user_as_of = f"""
+            SELECT v.feed, v.audience_name, v.audience_id, m.qualified_at, m.expires_at
+            FROM {members} m
+            JOIN (SELECT audience_id, version, audience_name, feed FROM {snapshot}
+                  WHERE record = 'version'
+                    AND valid_from <= ts::TIMESTAMPTZ AND (valid_to IS NULL OR valid_to > ts::TIMESTAMPTZ)) v
+              ON m.audience_id = v.audience_id AND m.version = v.version
+            WHERE m.user_id = uid AND (m.expires_at IS NULL OR m.expires_at > ts::TIMESTAMPTZ)"""
     return [
         "SET TimeZone = 'UTC'",
         f"CREATE MACRO views_version() AS {VIEWS_VERSION}",
         f"CREATE VIEW audience_versions AS SELECT audience_id, audience_name, feed, version, import_id, sha256,"
         f" member_count, qualified, disqualified, valid_from, valid_to, list_time, audience_status AS status"
-        f" FROM {versions}"
+        f" FROM {by_name}"
         f" WHERE record = 'version'",
         f"""CREATE VIEW imports AS
             SELECT import_id, feed, source_uri, file_name, sha256, status, rows_total, rows_valid, rows_rejected,
                    duplicates, unmatched, qualified, disqualified, error, received_at, finished_at,
-                   size_bytes, semantics, members, noops, warnings, audiences AS audience_names, users_sha256, run_id
-            FROM {snapshot} WHERE record = 'import'""",
+                   size_bytes, semantics, members, noops, warnings, audiences AS audience_names, users_sha256, run_id,
+                   ineligible, resolved_by
+            FROM {by_name} WHERE record = 'import'""",
         f"""CREATE VIEW audiences AS
             SELECT audience_id,
                    any_value(audience_name) AS name,
@@ -105,6 +120,7 @@ def view_statements(lake: Lake) -> list[str]:
         """CREATE VIEW user_audiences AS
             SELECT user_id, audience_id, audience_name, qualified_at FROM members""",
         f"CREATE MACRO members_as_of(name, ts, feed_name := NULL) AS TABLE {as_of}",
+        f"CREATE MACRO user_audiences_as_of(uid, ts) AS TABLE {user_as_of}",
     ]
 
 
