@@ -161,3 +161,52 @@ def test_bomb_and_oversize_are_refused_in_bounded_memory(make_env, tmp_path):
     # the bomb expands to 400 MB and the file is 40 MB: neither is ever held in memory (growth of the peak
     # RSS over the process's own after start-up, which depends on the libraries loaded)
     assert max(growth.values()) < 100, growth
+
+
+ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.:@"
+valid_ids = st.lists(st.text(alphabet=ID_ALPHABET, min_size=1, max_size=30), min_size=1, max_size=40)
+# lines Repro must reject, each for its own reason: a second column, a control character, over 256
+# characters, bytes that are not UTF-8
+hostile_lines = st.one_of(
+    st.tuples(st.text(alphabet=ID_ALPHABET, max_size=10), st.text(max_size=10)).map(
+        lambda t: f"{t[0]},{t[1]}".replace("\n", "").replace("\r", "").encode()),
+    st.text(alphabet=ID_ALPHABET, min_size=1, max_size=10).map(lambda s: f"{s}\x01{s}".encode()),
+    st.integers(min_value=257, max_value=400).map(lambda n: b"x" * n),
+    st.binary(min_size=1, max_size=10).map(lambda b: b"\xff" + b.replace(b"\n", b"").replace(b"\r", b"")),
+)
+padding = st.sampled_from(["", " ", "\t", " \t ", "\t\t"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ids=valid_ids, pads=st.lists(st.tuples(padding, padding), min_size=40, max_size=40),
+       hostile_rows=st.lists(hostile_lines, max_size=20), order=st.randoms(use_true_random=False))
+def test_members_are_exactly_the_valid_rows_users(hostile, ids, pads, hostile_rows, order):
+    """A random valid list (IDs padded with spaces and tabs) mixed with random hostile lines: the audience's
+    members are exactly the valid rows' IDs, trimmed; a file over max_reject_ratio changes nothing."""
+    name = f"p{uuid.uuid4().hex[:12]}"
+    assert hostile.import_file(f"{name}.csv", "before\n").status == "succeeded"
+    rows = [f"{left}{user}{right}".encode() for user, (left, right) in zip(ids, pads, strict=False)]
+    rows += hostile_rows
+    order.shuffle(rows)
+    record = run_named(hostile, f"{name}.csv", b"\n".join(rows) + b"\n")
+    if record.status == "failed":
+        # over the ratio, or a NUL byte (a binary file): refused whole, and nothing of it is applied
+        assert ("max_reject_ratio" in record.error and len(hostile_rows) / len(rows) > 0.5) or (
+            "binary content" in record.error and any(b"\x00" in row for row in hostile_rows)), record.error
+        assert hostile.members(name) == {"before"}
+    else:
+        assert record.status == "succeeded", record.error
+        assert hostile.members(name) == set(ids)
+        assert record.rows_rejected == len(hostile_rows)
+
+
+def run_named(env, name: str, data: bytes):
+    path = env.root / "incoming" / uuid.uuid4().hex / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    service = env.runner.service
+    key = partition_key("repro", name, hashlib.sha256(data).hexdigest())
+    try:
+        return service.apply(service.receive(key, f"cli:{uuid.uuid4().hex}", path.as_uri(), None))
+    except ImportFailed as exc:
+        return exc.record
