@@ -353,7 +353,8 @@ def rejects(import_id: int, limit: int, config: str | None) -> None:
 @click.option("--feed", required=True, help="The feed the audience belongs to.")
 @config_option
 def delete_audience(name: str, feed: str, config: str | None) -> None:
-    """Delete audience NAME: disqualify every member (with events) and refuse its name from then on."""
+    """Delete audience NAME: disqualify every member (with events). A later file naming it is refused (Repro),
+    or makes a new audience of that name (reuse_deleted_names, the default for the other formats)."""
     workspace = _workspace(config)
     runner = _runner(workspace)
     try:
