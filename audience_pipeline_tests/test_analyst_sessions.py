@@ -30,8 +30,19 @@ ANALYST = textwrap.dedent(
 )
 
 
-def _observations(log) -> list[dict]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
+class Observations:
+    """The analyst's log, read as it grows (only the new complete lines each time)."""
+
+    def __init__(self, path):
+        self.file = open(path)  # noqa: SIM115 (closed by the test)
+        self.seen: list[dict] = []
+        self.partial = ""
+
+    def read(self) -> list[dict]:
+        text = self.partial + self.file.read()
+        *lines, self.partial = text.split("\n")
+        self.seen += [json.loads(line) for line in lines]
+        return self.seen
 
 
 def test_imports_succeed_while_an_analyst_session_is_open(env, tmp_path):
@@ -43,22 +54,24 @@ def test_imports_succeed_while_an_analyst_session_is_open(env, tmp_path):
     )
     sizes = [100, 200, 50, 250, 150] * 10  # 50 imports; neighbours always differ
     records = []
+    log_reader = Observations(log)
     try:
         assert analyst.stdout.readline().strip() == "ready"
         for n in sizes:
             content = "".join(f"user{i:05d}\n" for i in range(n))
             records.append(env.import_file("live.csv", content))
             # the session, open all along, sees this import's list before the next one starts
-            seen_from = len(_observations(log))
+            seen_from = len(log_reader.read())
             deadline = time.monotonic() + 60
-            while {"seen": [n, n, n]} not in _observations(log)[seen_from:]:
-                assert analyst.poll() is None and time.monotonic() < deadline, _observations(log)[-3:]
+            while {"seen": [n, n, n]} not in log_reader.read()[seen_from:]:
+                assert analyst.poll() is None and time.monotonic() < deadline, log_reader.seen[-3:]
                 time.sleep(0.02)
     finally:
         stop.touch()
         analyst.communicate(timeout=60)
     assert [r.status for r in records] == ["succeeded"] * len(sizes)
-    observations = _observations(log)
+    observations = log_reader.read()
+    log_reader.file.close()
     assert [o for o in observations if "error" in o] == []
     # every view reads a committed state, never a half-applied import (one query over several views may
     # read them at different commits: each view finds the newest snapshot when it is scanned)
