@@ -3,8 +3,14 @@
 import gzip
 
 import duckdb
+import pytest
 
-from audience_pipeline_tests.conftest import base_config
+from audience_pipeline_tests.conftest import base_config, over_both_catalogs
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def catalog_location(request):
+    return over_both_catalogs(request)
 
 
 def test_forget_user_leaves_no_trace(make_env, tmp_path):
@@ -44,9 +50,8 @@ def test_forget_user_leaves_no_trace(make_env, tmp_path):
         assert "U-victim" not in text and "victim@example.com" not in text, path
     # the other user is untouched, and the erasure is recorded without the id in clear
     assert env.members("a") == {"U-other"}
-    catalog = duckdb.connect(str(env.workspace.catalog), read_only=True)
-    (user_hash, files) = catalog.execute("SELECT user_sha256, files_rewritten FROM erasures").fetchone()
-    catalog.close()
+    with env.runner.service.catalog.session() as catalog:
+        (user_hash, files) = catalog.execute("SELECT user_sha256, files_rewritten FROM erasures").fetchone()
     assert user_hash == __import__("hashlib").sha256(b"U-victim").hexdigest() and files == rewritten
     # downstream consumers got the removal in their change files
     out = sorted((tmp_path / "outbox").iterdir())[-1]

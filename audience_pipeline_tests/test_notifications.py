@@ -9,9 +9,14 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from audience_pipeline_tests.conftest import base_config, free_port
+from audience_pipeline_tests.conftest import base_config, free_port, over_both_catalogs
 
 SMTP_USER, SMTP_PASSWORD = "mailer", "smtp-Secret-91"
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def catalog_location(request):
+    return over_both_catalogs(request)
 
 
 @pytest.fixture

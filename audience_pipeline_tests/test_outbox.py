@@ -9,10 +9,15 @@ import pytest
 
 from audience_pipeline.config import OutboxConfig
 from audience_pipeline.outbox import full_list_name_problem
-from audience_pipeline_tests.conftest import base_config
+from audience_pipeline_tests.conftest import base_config, over_both_catalogs
 from audience_pipeline_tests.test_notifications import smtp  # noqa: F401 (fixture)
 
 FIELD = "a_high_confidence_identifier"
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def catalog_location(request):
+    return over_both_catalogs(request)
 
 
 def read(path):

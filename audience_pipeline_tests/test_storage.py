@@ -6,10 +6,21 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from audience_pipeline.storage.lake import Lake
-from audience_pipeline_tests.conftest import base_config
+from audience_pipeline_tests.conftest import base_config, over_both_catalogs
 
 
+@pytest.fixture
+def catalog_location(request):
+    """DuckDB unless a test asks for both backends (the catalog-hold test is about the DuckDB file)."""
+    if getattr(request, "param", "duckdb") == "duckdb":
+        return None
+    return over_both_catalogs(request)
+
+
+@pytest.mark.parametrize("catalog_location", ["duckdb", "postgresql"], indirect=True)
 def test_old_versions_are_pruned_after_retention(make_env):
     config = base_config()
     config["storage"]["retention_days"] = 1 / 86400  # one second
@@ -47,6 +58,7 @@ def test_import_waits_while_another_process_holds_the_catalog(env):
     assert record.applied_at.timestamp() >= released
 
 
+@pytest.mark.parametrize("catalog_location", ["duckdb", "postgresql"], indirect=True)
 def test_retention_job_keeps_what_current_lists_need(make_env):
     config = base_config()
     config["storage"].update(retention_days=1 / 86400, raw_retention_days=1 / 86400,
