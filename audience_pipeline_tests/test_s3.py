@@ -163,3 +163,15 @@ def test_a_deleted_bucket_fails_the_tick(make_env, moto_s3, bucket):
     bucket.delete_bucket(Bucket=BUCKET)
     with pytest.raises(SourceRefused, match="NoSuchBucket"):
         evaluate(env)
+
+
+def test_a_dry_run_prefix_on_s3_diffs_and_changes_nothing(make_env, moto_s3, plain_bucket):
+    env = make_env(s3_config(moto_s3))
+    put(plain_bucket, "d.csv", "a\nb\nc\n")
+    [applied] = env.runner.poll("repro")
+    assert applied.status == "succeeded" and env.members("d") == {"a", "b", "c"}
+    put(plain_bucket, "dryrun/d.csv", "c\nz\n")
+    [trial] = env.runner.poll("repro")
+    assert (trial.status, trial.qualified, trial.disqualified) == ("dry_run", 1, 2)
+    assert env.members("d") == {"a", "b", "c"}
+    assert env.query("SELECT count(*) FROM membership_events WHERE audience_name = 'd'") == [(3,)]
