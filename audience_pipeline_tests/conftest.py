@@ -152,8 +152,9 @@ def _keep_cwd():
 
 @pytest.fixture
 def sftp_server(tmp_path, monkeypatch):
-    """A real SFTP server (asyncssh) on loopback with a generated host key, password authentication and a
-    chroot; the client side is the project's paramiko source, host key pinned in a known_hosts file."""
+    """A real SFTP server (asyncssh) on loopback with a generated host key, password or public-key
+    authentication and a chroot; the client side is the project's paramiko source, host key pinned in a
+    known_hosts file. ``client_key`` is the OpenSSH text of the one key the server accepts."""
     import asyncio
     import threading
     from types import SimpleNamespace
@@ -165,6 +166,8 @@ def sftp_server(tmp_path, monkeypatch):
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     port = free_port()
     password = "pw-Attentive-7f3a"
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    accepted = client_key.export_public_key("openssh")
 
     class Server(asyncssh.SSHServer):
         def begin_auth(self, username):
@@ -175,6 +178,12 @@ def sftp_server(tmp_path, monkeypatch):
 
         def validate_password(self, username, supplied):
             return username == "attentive" and supplied == password
+
+        def public_key_auth_supported(self):
+            return True
+
+        def validate_public_key(self, username, key):
+            return username == "attentive" and key.export_public_key("openssh") == accepted
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -192,7 +201,8 @@ def sftp_server(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTENTIVE_SFTP_PASSWORD", password)
     try:
         yield SimpleNamespace(root=root, uploads=root / "uploads", port=port, known_hosts=known_hosts,
-                              password=password, location=f"sftp://attentive@127.0.0.1:{port}/uploads")
+                              password=password, location=f"sftp://attentive@127.0.0.1:{port}/uploads",
+                              client_key=client_key.export_private_key("openssh").decode())
     finally:
         # asyncio servers are not thread-safe: closing from the test thread races the loop's own wake-ups.
         async def stop():

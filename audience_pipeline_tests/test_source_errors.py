@@ -89,6 +89,26 @@ def test_a_refused_login_is_refused(make_env, sftp_server, monkeypatch):
     assert "Authentication" in str(info.value) and sftp_server.password not in str(info.value)
 
 
+def test_a_private_key_from_the_environment_logs_in(make_env, sftp_server, monkeypatch, tmp_path):
+    """private_key_env holds the key itself (OpenSSH text) or the path of a key file; no password is set."""
+    key_file = tmp_path / "id_ed25519"
+    key_file.write_text(sftp_server.client_key)
+    monkeypatch.setenv("ATTENTIVE_SFTP_KEY", sftp_server.client_key)
+    monkeypatch.setenv("ATTENTIVE_SFTP_KEY_FILE", str(key_file))
+    monkeypatch.delenv("ATTENTIVE_SFTP_PASSWORD")
+    (sftp_server.uploads / SEGMENT).write_text("2125550100, seg\n")
+    for variable in ("ATTENTIVE_SFTP_KEY", "ATTENTIVE_SFTP_KEY_FILE"):
+        env = make_env(sftp_config(sftp_server, password_env=None, private_key_env=variable), name=variable)
+        [record] = env.runner.poll("att")
+        assert record.status == "succeeded" and env.members("seg") == {"+12125550100"}, variable
+    # a key the server does not accept is a refused login, not "no new files"
+    monkeypatch.setenv("OTHER_SFTP_KEY", asyncssh.generate_private_key("ssh-ed25519").export_private_key(
+        "openssh").decode())
+    env = make_env(sftp_config(sftp_server, password_env=None, private_key_env="OTHER_SFTP_KEY"), name="other")
+    with pytest.raises(SourceRefused, match="login refused"):
+        evaluate(env)
+
+
 def test_an_unset_credential_variable_is_refused(make_env, sftp_server, monkeypatch):
     monkeypatch.delenv("UNSET_SFTP_PASSWORD", raising=False)
     env = make_env(sftp_config(sftp_server, password_env="UNSET_SFTP_PASSWORD"))
