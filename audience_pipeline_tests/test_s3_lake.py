@@ -70,3 +70,23 @@ def test_s3_lake_round_trip(make_env, moto_s3, tmp_path):
 
     script = env.workspace.analytics.with_suffix(".sql").read_text()
     assert "LOAD httpfs" in script and f"s3://{LAKE_BUCKET}/lake/members/audience_id=[1-9]*/*/*.parquet" in script
+
+
+def test_kms_encryption_and_a_cache_held_under_cache_max_bytes(make_env, moto_s3):
+    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    client.create_bucket(Bucket=LAKE_BUCKET)
+    key_id = boto3.client("kms", endpoint_url=moto_s3, region_name="us-east-1").create_key()["KeyMetadata"]["KeyId"]
+    config = lake_config(moto_s3)
+    config["storage"].update(server_side_encryption="aws:kms", kms_key_id=key_id, cache_max_bytes=0)
+    env = make_env(config)
+    first = env.import_file("kms.csv", "u1\nu2\n")
+    assert first.status == "succeeded"
+    for item in client.list_objects_v2(Bucket=LAKE_BUCKET, Prefix="lake/")["Contents"]:
+        head = client.head_object(Bucket=LAKE_BUCKET, Key=item["Key"])
+        assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"].endswith(key_id), item["Key"]
+    # a cache of at most 0 bytes keeps no file at all, not even the current list; the next diff fetches it
+    cache = env.workspace.lake
+    assert [p for p in cache.rglob("*") if p.is_file() and "staging" not in p.parts] == []
+    second = env.import_file("kms.csv", "u2\nu3\n")
+    # the previous list came back from S3: u1 left and u3 joined (without it every member would qualify again)
+    assert (second.status, second.qualified, second.disqualified, second.members) == ("succeeded", 1, 1, 2)
