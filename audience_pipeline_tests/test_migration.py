@@ -7,9 +7,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from audience_pipeline_tests.conftest import base_config, over_both_catalogs
+from audience_pipeline_tests.conftest import FIXTURES, base_config, over_both_catalogs
 
-OLD_SCHEMA = (Path(__file__).parent / "fixtures" / "catalog_schema_0.1.0.sql").read_text()
+OLD_SCHEMA = (FIXTURES / "catalog_schema_0.1.0.sql").read_text()
 OLD_IMPORT = """
 INSERT INTO imports (import_id, partition_key, delivery, feed, source_uri, file_name, status, error, received_at,
                      finished_at)

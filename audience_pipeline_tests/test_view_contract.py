@@ -1,8 +1,12 @@
 """The analysts' views are a public interface: their columns and types are pinned here, and the README's view
 table must list exactly these columns, in this order (one source of truth, checked both ways)."""
 
+import json
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from audience_pipeline_tests.conftest import base_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -88,3 +92,34 @@ def test_the_readme_lists_exactly_the_views_columns():
     listed = readme_views()
     pinned = {view.split("(")[0]: [c for c, _ in columns] for view, columns in CONTRACT.items()}
     assert listed == pinned
+
+
+def test_the_views_values_where_they_come_from(make_env):
+    config = base_config()
+    config["feeds"]["mics"] = {"format": "mediarithmics", "source": "drop/mics"}
+    env = make_env(config)
+    first = env.import_file("r.csv", "a\nb\n")
+    second = env.import_file("r.csv", "b\n\nc\n")
+
+    assert env.query("SELECT user_id, action, import_id, source_file, source_line FROM membership_events "
+                     "WHERE audience_name = 'r' ORDER BY import_id, user_id") == [
+        ("a", "qualify", first.import_id, "r.csv", 1), ("b", "qualify", first.import_id, "r.csv", 2),
+        ("a", "disqualify", second.import_id, "r.csv", None), ("c", "qualify", second.import_id, "r.csv", 3)]
+    assert env.query("SELECT user_id, qualified_at FROM members WHERE audience_name = 'r' ORDER BY 1") == [
+        ("b", first.applied_at), ("c", second.applied_at)]
+    assert env.query("SELECT created_at, updated_at FROM audiences WHERE name = 'r'") == [
+        (first.applied_at, second.applied_at)]
+    for received_at, finished_at in env.query("SELECT received_at, finished_at FROM imports"):
+        assert finished_at is not None and finished_at >= received_at
+    assert env.query("SELECT audience_name, qualified_at FROM user_audiences WHERE user_id = 'b'") == [
+        ("r", first.applied_at)]
+
+    # members_as_of leaves out a membership whose expiry has passed at the instant asked for
+    expires = datetime.now(UTC) + timedelta(days=1)
+    env.import_file("e.ndjson", json.dumps({
+        "operation": "UPDATE", "expiration_duration": 0, "expiration_ts": int(expires.timestamp() * 1000),
+        "user_account_id": "u1", "segment_technical_name": "exp"}) + "\n", feed="mics")
+    before = expires - timedelta(hours=1)
+    after = expires + timedelta(hours=1)
+    assert env.query("SELECT user_id FROM members_as_of('exp', ?)", [before]) == [("u1",)]
+    assert env.query("SELECT user_id FROM members_as_of('exp', ?)", [after]) == []
