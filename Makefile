@@ -23,9 +23,9 @@ system-deps:
 	  apt-get install -y "$${need[@]}" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$${need[@]}" >/dev/null; }; \
 	fi
 
-# Screenshots of the UI test land in test-artifacts/.
+# Screenshots of the UI test land in test-artifacts/; the 25 slowest tests are listed at the end.
 test: env system-deps
-	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q
+	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q --durations=25
 
 # The Dagster UI and the daemon (which runs the sensors), with DAGSTER_HOME at the repo root.
 dev: env
