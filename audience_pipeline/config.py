@@ -128,6 +128,14 @@ class GateConfig(_Strict):
     max_removed: int | None = Field(default=None, ge=0)
     max_removed_share: float | None = Field(default=None, ge=0, le=1)
 
+    def exceeded(self, removed: int, before: int) -> bool:
+        """Whether removing ``removed`` of an audience's ``before`` members is over the gate (never without one)."""
+        if self.max_removed is None and self.max_removed_share is None:
+            return False
+        over_count = self.max_removed is None or removed > self.max_removed
+        over_share = self.max_removed_share is None or (before > 0 and removed / before > self.max_removed_share)
+        return removed > 0 and over_count and over_share
+
 
 DEFAULT_POLL_SECONDS = {"attentive": 86400}
 # A drop folder of this name holds dry runs, so no profile may be called so.

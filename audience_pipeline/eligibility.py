@@ -23,7 +23,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from audience_pipeline.config import GateConfig
 from audience_pipeline.duck import copy_to_parquet, work_connection
 from audience_pipeline.formats import get_format
 from audience_pipeline.importer import ImportFailed, ImportService, Summary
@@ -68,15 +67,6 @@ class SweepResult:
     def failed(self) -> bool:
         """Its import failed: nothing is recorded, and the next tick (or command) sweeps the feed again."""
         return self.record is not None and self.record.status != "succeeded"
-
-
-def over_gate(gate: GateConfig, removed: int, before: int) -> bool:
-    """The removal gate's rule (ImportService._gate): more than max_removed AND more than max_removed_share."""
-    if gate.max_removed is None and gate.max_removed_share is None:
-        return False
-    over_count = gate.max_removed is None or removed > gate.max_removed
-    over_share = gate.max_removed_share is None or (before > 0 and removed / before > gate.max_removed_share)
-    return removed > 0 and over_count and over_share
 
 
 class EligibilitySweep:
@@ -198,7 +188,7 @@ class EligibilitySweep:
         gate = self.workspace.feed(record.feed).gate
         drops = []
         for name, before, after, removed in self.catalog.import_versions(record.import_id):
-            if over_gate(gate, removed, before) or (before > 0 and after == 0):
+            if gate.exceeded(removed, before) or (before > 0 and after == 0):
                 drops.append(f"{name!r}: {removed} of {before} members removed ({removed / max(before, 1):.0%}), "
                              f"{after} left")
         if drops:

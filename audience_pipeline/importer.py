@@ -523,10 +523,7 @@ class ImportService:
             name = names[version.audience_id]
             if semantics == Semantics.REPLACE and before > 0 and version.member_count == 0:
                 return f"held: would empty audience {name!r} ({before} members)"
-            over_count = gate.max_removed is None or removed > gate.max_removed
-            over_share = gate.max_removed_share is None or (before > 0 and removed / before > gate.max_removed_share)
-            configured = gate.max_removed is not None or gate.max_removed_share is not None
-            if configured and removed > 0 and over_count and over_share:
+            if gate.exceeded(removed, before):
                 share = removed / max(before, 1)
                 limits = " and ".join(
                     text for text in (
