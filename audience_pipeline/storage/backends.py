@@ -145,17 +145,26 @@ class PostgresBackend:
 
     @contextmanager
     def export_order(self, con: Session) -> Iterator[None]:
-        """Concurrent commits export concurrently: a transaction-scoped lock makes the snapshot numbers
-        follow the order in which the snapshots read the catalog, so the highest number is the newest.
-        (PostgreSQL sequences never roll back, so a number is never handed out twice.)"""
-        con.execute("BEGIN")
+        """Concurrent commits export concurrently: a lock makes the snapshot numbers follow the order in
+        which the snapshots read the catalog, so the highest number is the newest. (PostgreSQL sequences
+        never roll back, so a number is never handed out twice.)
+
+        The export reads its tables in one REPEATABLE READ transaction: under READ COMMITTED each read saw
+        the catalog of its own instant, and an import committed between two of them was half in the
+        snapshot (its versions without its import). That transaction's view of the catalog is fixed by its
+        first statement, so the lock is taken before it (a session lock): an export that waited for the
+        previous one then reads a catalog at least as new as the one the previous export read."""
+        con.execute("SELECT pg_advisory_lock(7317002)")
         try:
-            con.execute("SELECT pg_advisory_xact_lock(7317002)")
-            yield
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+            con.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            try:
+                yield
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        finally:
+            con.execute("SELECT pg_advisory_unlock(7317002)")
 
 
 def _migrate_duckdb(con) -> None:
