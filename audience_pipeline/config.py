@@ -311,11 +311,35 @@ class OutboxConfig(_Strict):
         return self
 
 
+class ApiToken(_Strict):
+    """One client of ``audience-pipeline serve``: the sha256 (hex) of its token, never the token itself
+    (``audience-pipeline token-hash`` prints it), and the feeds it may write."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    feeds: list[str] = Field(min_length=1)
+
+
+class ApiConfig(_Strict):
+    """``audience-pipeline serve``: its clients, and mediarithmics datamart ids -> the feed their imports go to."""
+
+    tokens: dict[str, ApiToken] = {}
+    datamarts: dict[str, str] = {}
+    # the server's own state: document imports, uploads and the Idempotency-Keys it has seen
+    database: str = "data/api.sqlite"
+
+    @field_validator("datamarts", mode="before")
+    @classmethod
+    def _datamart_ids(cls, value):
+        # a datamart id is a number, which YAML reads as an int key
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
 class WorkspaceConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     notifications: NotificationsConfig = NotificationsConfig()
     outboxes: list[OutboxConfig] = []
     users: UsersConfig = UsersConfig()
+    api: ApiConfig = ApiConfig()
     feeds: dict[str, FeedConfig]
 
     @field_validator("feeds")
@@ -336,6 +360,20 @@ class WorkspaceConfig(_Strict):
         for name, feed in self.feeds.items():
             if feed.eligible and not self.users.path:
                 raise ValueError(f"feed {name!r} has eligible: but the workspace has no users registry (users.path)")
+        return self
+
+    @model_validator(mode="after")
+    def _api_feeds(self) -> WorkspaceConfig:
+        for name, token in self.api.tokens.items():
+            for feed in token.feeds:
+                if feed not in self.feeds:
+                    raise ValueError(f"api.tokens.{name}: no feed named {feed!r}")
+        for datamart, feed in self.api.datamarts.items():
+            if feed not in self.feeds:
+                raise ValueError(f"api.datamarts.{datamart}: no feed named {feed!r}")
+            if self.feeds[feed].format != "mediarithmics":
+                raise ValueError(f"api.datamarts.{datamart}: feed {feed!r} is {self.feeds[feed].format}, and "
+                                 "datamart imports are mediarithmics segment commands")
         return self
 
 
