@@ -4,7 +4,7 @@ UV := python3 -m uv
 VENV := .venv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: env system-deps demo test dev bench lint clean
+.PHONY: env system-deps demo test screenshot dev serve bench lint clean
 
 env:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -14,22 +14,35 @@ demo: env
 	$(VENV)/bin/audience-pipeline demo
 
 # Servers and browser the tests drive, from Debian packages when missing: PostgreSQL (the tests start
-# their own cluster from its binaries) and Chromium (the UI test; never a browser download).
+# their own cluster from its binaries), Chromium (the UI tests; never a browser download) and curl (the
+# upload server's test runs mediarithmics' curl calls).
 system-deps:
 	@need=(); command -v chromium >/dev/null 2>&1 || need+=(chromium); \
+	command -v curl >/dev/null 2>&1 || need+=(curl); \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql); \
 	if (( $${#need[@]} )); then \
 	  echo "installing $${need[*]} (apt-get)"; \
 	  apt-get install -y "$${need[@]}" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$${need[@]}" >/dev/null; }; \
 	fi
 
-# Screenshots of the UI test land in test-artifacts/; the 25 slowest tests are listed at the end.
+# Screenshots of the UI tests land in test-artifacts/; the tests run on every core (pytest-xdist), and the
+# 25 slowest are listed at the end.
 test: env system-deps
-	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q --durations=25
+	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q -n auto --durations=25
+
+# docs/audience-history.png, the README's picture of one audience's history in the UI, taken by the browser
+# test's own steps (which, as every test run, write only to test-artifacts/), then copied.
+screenshot: env system-deps
+	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q audience_pipeline_tests/test_ui.py -k member_counts_over_several_imports
+	cp test-artifacts/audience-history.png docs/audience-history.png
 
 # The Dagster UI and the daemon (which runs the sensors), with DAGSTER_HOME at the repo root.
 dev: env
 	DAGSTER_HOME=$(CURDIR) $(VENV)/bin/dagster dev -w workspace.yaml
+
+# The upload server (README, "Uploads over HTTP") on 127.0.0.1:8000, with the same DAGSTER_HOME as `make dev`.
+serve: env
+	DAGSTER_HOME=$(CURDIR) $(VENV)/bin/audience-pipeline serve
 
 # Every figure of the performance section: imports (16M IDs), analyst queries, the S3 sensor's tick.
 bench: env

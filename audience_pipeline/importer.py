@@ -6,6 +6,7 @@ outcome and changes nothing; a re-run after a crash redoes the unfinished steps 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import json
@@ -41,6 +42,17 @@ from audience_pipeline.users import RegistryError, UsersRegistry
 from audience_pipeline.validate import ValidationResult, validate_file
 
 COMMIT_ATTEMPTS = 5
+
+# Who follows an import's phases (the CLI's progress line): called with (phase, rows parsed or None). A context
+# variable rather than a parameter: a run's steps build their own ImportService, in the caller's thread.
+import_progress: contextvars.ContextVar[Callable[[str, int | None], None] | None] = contextvars.ContextVar(
+    "import_progress", default=None)
+
+
+def _progress(phase: str, rows: int | None = None) -> None:
+    report = import_progress.get()
+    if report is not None:
+        report(phase, rows)
 
 
 def feed_name_of(partition_key: str) -> str:
@@ -98,6 +110,7 @@ class ImportService:
         """Copy the delivered object into the content-addressed raw archive and open its import. An import
         of this delivery that another run left unfinished (it died) is taken over. ``profile``: the feed
         profile the file is read with (recorded on the import; every later step reads it from there)."""
+        _progress("receiving")
         self.catalog.hold(partition_key, delivery)
         existing = self.catalog.find_import(partition_key, delivery)
         if existing is not None:
@@ -284,12 +297,14 @@ class ImportService:
         if self.lake.fetch(summary_path):
             data = json.loads(summary_path.read_text())
             data["audiences"] = tuple(data["audiences"])
+            _progress("validated", data["rows_total"])
             return Summary(**data)
         feed = self._feed(record)
         work = self.lake.staging(f"work_{record.import_id}")
         raw = self.lake.raw_path(record.sha256)
         if not self.lake.fetch(raw):
             self._fail(record, f"{record.file_name}: its raw file {raw.name} is no longer in the archive")
+        _progress("parsing and validating")
         con = work_connection(work, self.workspace.config.storage.memory_limit)
         try:
             users_sha = self.users_sha256()
@@ -315,6 +330,7 @@ class ImportService:
         for path in (self.lake.validated_rows(record.import_id), self.lake.rejected(record.import_id), summary_path):
             self.lake.publish(path)
         faults.point("validate.summary_written")
+        _progress("validated", summary.rows_total)
         return summary
 
     def _fail(self, record: ImportRecord, reason: str) -> ImportRecord:
@@ -417,6 +433,7 @@ class ImportService:
                                                                       audience_ids, work)
                 at = (datetime.now(UTC) if dry_run
                       else self.catalog.import_instant(record, list(audience_ids.values()), floor))
+                _progress("diffing against the current lists")
                 diff = compute_diff(con, self.lake, record.import_id, keep, diff_rows, audience_ids, current, at)
                 pairs = diff.pairs if own_pairs is None else own_pairs
                 outcome = Outcome(
@@ -442,6 +459,7 @@ class ImportService:
                     self.notifier.import_outcome(held)
                     return held
                 expected = {a: (current[a].version if a in current else None) for a in audience_ids.values()}
+                _progress("committing")
                 try:
                     committed = self.catalog.commit_versions(
                         record, expected, diff.versions, outcome,

@@ -81,6 +81,7 @@ class Runner:
     workspace: Workspace
     instance: dg.DagsterInstance
     quiet: bool = True
+    log_level: str = "INFO"  # of the run's console log when not quiet (the CLI's -v, -vv)
 
     def __post_init__(self) -> None:
         self.unrecorded: list[RunNotRecorded] = []
@@ -100,7 +101,8 @@ class Runner:
                 instance=self.instance,
                 tags={TAG_DELIVERY: delivery, TAG_SOURCE_URI: source_uri, TAG_FEED: parse_partition_key(pkey)[0],
                       **(extra_tags or {})},
-                run_config=QUIET_RUN_CONFIG if self.quiet else None,
+                run_config=QUIET_RUN_CONFIG if self.quiet else {
+                    "loggers": {"console": {"config": {"log_level": self.log_level}}}},
                 raise_on_error=False,
             )
         finally:
@@ -141,6 +143,17 @@ class Runner:
         return self.run(earlier.partition_key, delivery, raw.resolve().as_uri(),
                         {TAG_FILE_NAME: earlier.file_name, TAG_ORIGIN: "cli",
                          **({TAG_PROFILE: earlier.profile} if earlier.profile else {})})
+
+    def decide(self, import_id: int, approve: bool) -> ImportRecord:
+        """Approve or reject a held import through its Dagster job, so that the decision, and the audiences it
+        changes, show in the Dagster UI. An error (the import is not held) is raised as it was raised."""
+        job, op = ("audience_approve_job", "approve_import") if approve else ("audience_reject_job", "reject_import")
+        run_config = {"ops": {op: {"config": {"import_id": import_id}}}, **(QUIET_RUN_CONFIG if self.quiet else {})}
+        try:
+            self.defs.resolve_job_def(job).execute_in_process(instance=self.instance, run_config=run_config)
+        except dg.DagsterExecutionStepExecutionError as exc:
+            raise exc.__cause__ or exc from None
+        return self.service.catalog.get_import(import_id)
 
     def poll(self, feed: str) -> list[ImportRecord]:
         """One evaluation of the feed's sensor, and the runs it asks for. The cursor is the one this

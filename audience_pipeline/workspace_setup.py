@@ -6,7 +6,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from audience_pipeline.config import Workspace
+from audience_pipeline.config import Workspace, load_workspace
 from audience_pipeline.storage.catalog import Catalog
 from audience_pipeline.storage.lake import Lake
 from audience_pipeline.storage.views import analytics_script, write_analytics
@@ -36,7 +36,9 @@ def prepare(workspace: Workspace, lake: Lake | None = None, replace_views: bool 
 
 
 def init_workspace(target: Path) -> list[Path]:
-    """Copy the bundled template (config, instance config, drop folder with sample files) into ``target``."""
+    """Copy the bundled template (config, instance config, users registry, drop folders, the demo's staged
+    deliveries under data/demo/) into ``target``, and create every local feed's drop folder: a sensor
+    refuses a folder that does not exist, and a package keeps no empty folders."""
     template = resources.files("audience_pipeline") / "template"
     written: list[Path] = []
     target.mkdir(parents=True, exist_ok=True)
@@ -53,4 +55,9 @@ def init_workspace(target: Path) -> list[Path]:
 
     for child in template.iterdir():
         copy(child, target / child.name)
+    workspace = load_workspace(target / "feeds.yaml")
+    for feed in workspace.config.feeds:
+        location = workspace.source_location(feed)
+        if "://" not in location or location.startswith("file://"):
+            Path(location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     return written

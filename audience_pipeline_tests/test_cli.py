@@ -25,7 +25,9 @@ def test_init_poll_query_and_fail(tmp_path):
 
     listing = cli("audiences", cwd=ws).stdout
     assert "vip_customers" in listing and "spring_campaign" in listing
-    members = cli("members", "vip_customers", "--config", str(ws / "feeds.yaml"), cwd=tmp_path).stdout.split()
+    # piped, so CSV: a header, then user_id, qualified_at, expires_at
+    members = [line.split(",")[0] for line in
+               cli("members", "vip_customers", "--config", str(ws / "feeds.yaml"), cwd=tmp_path).stdout.split()[1:]]
     assert members == sorted(["qwpeoifjadlskf", "zxocjvasdfoiji", "azxcpoqnadslpx", "mnbvcxzlkjhgfd",
                               "poiuytrewqasdf", "lkjhgfdsamnbvc"])
     rejects = cli("rejects", "1", cwd=ws).stdout + cli("rejects", "2", cwd=ws).stdout
@@ -39,7 +41,7 @@ def test_init_poll_query_and_fail(tmp_path):
     failed = cli("import", str(bad), "--feed", "repro", cwd=ws, check=False)
     assert failed.returncode == 1
     assert "error:" in failed.stderr and "empty file" in failed.stderr
-    assert len(cli("members", "vip_customers", cwd=ws).stdout.split()) == 6
+    assert len(cli("members", "vip_customers", cwd=ws).stdout.split()) == 1 + 6
 
     unknown = cli("import", str(bad), "--feed", "nope", cwd=ws, check=False)
     assert unknown.returncode == 1 and "no feed named 'nope'" in unknown.stderr

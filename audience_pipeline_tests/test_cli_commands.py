@@ -37,27 +37,28 @@ def write(tmp_path, name: str, content: str) -> str:
     return str(folder / name)
 
 
-def test_demo_imports_the_drop_folder_and_a_second_run_changes_nothing(tmp_path):
+def test_demo_refuses_a_staged_folder_that_names_no_feed_and_changes_nothing(tmp_path):
     shutil.copyfile(ROOT / "feeds.yaml", tmp_path / "feeds.yaml")
-    shutil.copytree(ROOT / "data" / "drop", tmp_path / "data" / "drop")
+    shutil.copytree(ROOT / "data" / "demo", tmp_path / "data" / "demo")
     shutil.copyfile(ROOT / "data" / "users.csv", tmp_path / "data" / "users.csv")
+    shutil.copyfile(ROOT / "data" / "mediarithmics_segments.csv", tmp_path / "data" / "mediarithmics_segments.csv")
+    stray = tmp_path / "data" / "demo" / "2-second-delivery" / "tiktok"
+    stray.mkdir()
+    (stray / "list.csv").write_text("a\n")
 
-    def state():
-        con = duckdb.connect(str(tmp_path / "data" / "analytics.duckdb"), read_only=True)
-        try:
-            return con.execute("SELECT audience_name, user_id, action FROM membership_events ORDER BY ALL").fetchall()
-        finally:
-            con.close()
+    done = run(tmp_path, "demo", config=tmp_path / "feeds.yaml")
+    assert done.returncode == 1
+    assert f"{stray}: {tmp_path / 'feeds.yaml'} has no feed named 'tiktok'" in done.stderr.replace("\n", "")
+    assert not (tmp_path / "data" / "drop").exists()  # nothing landed, nothing imported
+    con = duckdb.connect(str(tmp_path / "data" / "analytics.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM imports").fetchone() == (0,)
+    finally:
+        con.close()
 
-    first = run(tmp_path, "demo", config=tmp_path / "feeds.yaml")
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.count(": succeeded") == 2 and "what changed in this demo" in first.stdout
-    after_first = state()
-    assert {name for name, _, _ in after_first} == {"spring_campaign", "vip_customers"}
-    second = run(tmp_path, "demo", config=tmp_path / "feeds.yaml")
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.count(": skipped") == 2 and ": succeeded" not in second.stdout
-    assert state() == after_first
+    shutil.rmtree(tmp_path / "data" / "demo")
+    done = run(tmp_path, "demo", config=tmp_path / "feeds.yaml")
+    assert done.returncode == 1 and "data/demo does not exist" in done.stderr.replace("\n", "")
 
 
 def test_dry_run_activity_members_as_of_and_reimport(gated, tmp_path):
@@ -75,9 +76,9 @@ def test_dry_run_activity_members_as_of_and_reimport(gated, tmp_path):
     assert [s for s in ("dry_run", "succeeded") if s in activity.stdout] == ["dry_run", "succeeded"]
 
     as_of = cli(gated, "members", "l", "--as-of", first_at.isoformat())
-    assert as_of.returncode == 0 and as_of.stdout.split() == ["a", "b", "c"]
+    assert as_of.returncode == 0 and as_of.stdout.split() == ["user_id", "a", "b", "c"]  # piped: CSV
     now = cli(gated, "members", "l")
-    assert now.stdout.split() == ["b", "c", "d"]
+    assert [line.split(",")[0] for line in now.stdout.split()] == ["user_id", "b", "c", "d"]
 
     [(first_id,)] = gated.query("SELECT min(import_id) FROM imports")
     back = cli(gated, "reimport", str(first_id))

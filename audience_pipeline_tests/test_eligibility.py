@@ -218,9 +218,9 @@ def test_user_audiences_now_and_as_of_and_registry_sweep_as_commands(make_env, r
     done = cli("user-audiences", "U1", "--config", config, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "feed\taudience\tqualified_at\texpires_at",
-        f"repro\tgold\t{qualified['gold'].isoformat()}\t",
-        f"repro\tsilver\t{qualified['silver'].isoformat()}\t",
+        "feed,audience,qualified_at,expires_at",
+        f"repro,gold,{qualified['gold'].isoformat()},",
+        f"repro,silver,{qualified['silver'].isoformat()},",
     ]
 
     write_registry(registry, [("U1", "active", "no"), ("U2", "active", "yes")])
@@ -229,7 +229,7 @@ def test_user_audiences_now_and_as_of_and_registry_sweep_as_commands(make_env, r
     assert "repro: import" in swept.stdout and "-2 disqualified" in swept.stdout
     assert "already swept" in cli("registry", "sweep", "--config", config, cwd=tmp_path).stdout
     gone = cli("user-audiences", "U1", "--config", config, cwd=tmp_path)
-    assert gone.returncode == 0 and gone.stdout.splitlines() == ["feed\taudience\tqualified_at\texpires_at"]
+    assert gone.returncode == 0 and gone.stdout.splitlines() == ["feed,audience,qualified_at,expires_at"]
     assert "'U1' is in no audience" in gone.stderr
 
     # as of the instant silver was applied (before the sweep), U1 was in both
@@ -237,10 +237,10 @@ def test_user_audiences_now_and_as_of_and_registry_sweep_as_commands(make_env, r
     naive = at.astimezone(UTC).replace(tzinfo=None).isoformat()  # no offset: read as UTC
     past = cli("user-audiences", "U1", "--as-of", naive, "--config", config, cwd=tmp_path)
     assert past.returncode == 0, past.stderr
-    assert [line.split("\t")[:2] for line in past.stdout.splitlines()[1:]] == [["repro", "gold"], ["repro", "silver"]]
+    assert [line.split(",")[:2] for line in past.stdout.splitlines()[1:]] == [["repro", "gold"], ["repro", "silver"]]
     just_before = (at - timedelta(microseconds=1)).isoformat()
     earlier = cli("user-audiences", "U1", "--as-of", just_before, "--config", config, cwd=tmp_path)
-    assert [line.split("\t")[1] for line in earlier.stdout.splitlines()[1:]] == ["gold"]
+    assert [line.split(",")[1] for line in earlier.stdout.splitlines()[1:]] == ["gold"]
 
     # usage errors exit 2, as click's: not a timestamp, or older than the member lists are kept
     assert cli("user-audiences", "U1", "--as-of", "yesterday", "--config", config, cwd=tmp_path).returncode == 2

@@ -193,7 +193,8 @@ def test_views_work_from_another_directory(env, tmp_path):
 def test_definitions_expose_assets_job_and_sensor(env):
     defs = env.runner.defs
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
-    assert keys == {"raw_audience_file", "validated_audience_file", "membership_diff"}
+    assert keys == {"raw_audience_file", "validated_audience_file", "membership_diff", "audience",
+                    "feed_deliveries/repro"}
     sensor = defs.resolve_sensor_def("repro_audience_sensor")
     assert sensor.minimum_interval_seconds == 600
     assert defs.resolve_job_def("audience_import_job").partitions_def == audience_files

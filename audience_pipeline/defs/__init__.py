@@ -7,6 +7,7 @@ from audience_pipeline.defs.assets import (
     raw_audience_file,
     validated_audience_file,
 )
+from audience_pipeline.defs.audiences import audience, build_silence_checks, feed_specs
 from audience_pipeline.defs.eligibility import build_registry_sensor, registry_eligibility_job
 from audience_pipeline.defs.expiry import audience_expiry_job, audience_expiry_schedule
 from audience_pipeline.defs.lifecycle import audience_approve_job, audience_delete_job, audience_reject_job
@@ -19,7 +20,8 @@ from audience_pipeline.defs.sensors import build_feed_sensor
 def build_definitions(workspace: Workspace | None = None) -> dg.Definitions:
     workspace = workspace or load_workspace()
     return dg.Definitions(
-        assets=[raw_audience_file, validated_audience_file, membership_diff],
+        assets=[raw_audience_file, validated_audience_file, membership_diff, audience, *feed_specs(workspace)],
+        asset_checks=build_silence_checks(workspace),
         jobs=[audience_import_job, audience_retention_job, audience_expiry_job, audience_delete_job,
               audience_approve_job, audience_reject_job, registry_eligibility_job],
         schedules=[audience_retention_schedule, audience_expiry_schedule],

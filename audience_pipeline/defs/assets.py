@@ -1,5 +1,12 @@
 import dagster as dg
 
+from audience_pipeline.defs.audiences import (
+    MEMBERS_SCHEMA,
+    VALIDATED_SCHEMA,
+    delivery_event,
+    lake_location,
+    report_audiences,
+)
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.importer import ImportFailed, ImportService
 from audience_pipeline.storage.catalog import ImportRecord
@@ -111,6 +118,8 @@ def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: Aud
             record = _record(context, service)
     except ImportFailed as exc:
         raise _failure(exc.record) from None
+    if record.run_id == context.run.run_id:
+        context.log_event(delivery_event(record))  # this run received the delivery: the feed delivered
     if record.status == "failed":
         raise _failure(record)
     return dg.MaterializeResult(
@@ -120,14 +129,15 @@ def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: Aud
             "file_name": record.file_name or "",
             "size_bytes": record.size_bytes or 0,
             "sha256": record.sha256 or "",
-            "raw_path": dg.MetadataValue.path(str(service.lake.raw_path(record.sha256))),
+            "raw_path": lake_location(service.lake, service.lake.raw_path(record.sha256)),
             "delivery": record.delivery,
         }
     )
 
 
 @dg.asset(partitions_def=audience_files, group_name="audience_import", deps=[raw_audience_file],
-          kinds={"duckdb", "pandera", "parquet"}, check_specs=VALIDATION_CHECKS)
+          kinds={"duckdb", "pandera", "parquet"}, check_specs=VALIDATION_CHECKS,
+          metadata={"dagster/column_schema": VALIDATED_SCHEMA})
 def validated_audience_file(context: dg.AssetExecutionContext, audience_workspace: AudienceWorkspace):
     """The file parsed into canonical rows (Parquet, with a pandera contract) plus its rejected rows.
 
@@ -161,15 +171,17 @@ def validated_audience_file(context: dg.AssetExecutionContext, audience_workspac
             "rejected": summary.rows_rejected,
             "unmatched": summary.unmatched,
             "audiences": ", ".join(summary.audiences),
-            "rows_path": dg.MetadataValue.path(str(service.lake.validated_rows(record.import_id))),
+            "rows_path": lake_location(service.lake, service.lake.validated_rows(record.import_id)),
             "users_sha256": summary.users_sha256 or "",
+            "dagster/partition_row_count": summary.rows_valid,
+            "dagster/column_schema": VALIDATED_SCHEMA,
         },
         check_results=_validation_checks(summary.rows_total, summary.rows_rejected, summary.unmatched),
     )
 
 
 @dg.asset(partitions_def=audience_files, group_name="audience_import", deps=[validated_audience_file],
-          kinds={"duckdb", "parquet"}, check_specs=DIFF_CHECKS)
+          kinds={"duckdb", "parquet"}, check_specs=DIFF_CHECKS, metadata={"dagster/column_schema": MEMBERS_SCHEMA})
 def membership_diff(context: dg.AssetExecutionContext, audience_workspace: AudienceWorkspace):
     """For every audience the file names: the new member list and the qualify/disqualify sets.
 
@@ -177,7 +189,8 @@ def membership_diff(context: dg.AssetExecutionContext, audience_workspace: Audie
     catalog transaction plus the re-published snapshot that analysts read. An import whose content equals
     the list currently applied is `skipped`; one over the feed's removal gate is `held` until approved or
     rejected (`audience-pipeline approve|reject`); a dry run records the diff and the verdict as `dry_run`.
-    A re-run of a finished import only re-reports it.
+    A re-run of a finished import only re-reports it. Each audience the commit changes (or the gate holds)
+    is reported on its own partition of the `audience` asset.
     """
     service = audience_workspace.service()
     record = _record(context, service)
@@ -191,7 +204,10 @@ def membership_diff(context: dg.AssetExecutionContext, audience_workspace: Audie
         f"import {final.import_id} {final.status}: +{final.qualified or 0} -{final.disqualified or 0}, "
         f"{final.members or 0} members"
     )
-    return dg.MaterializeResult(metadata={**_counts(final), "rerun": record.finished},
+    if not record.finished:
+        report_audiences(context, service, final)
+    reason = {"reason": final.error} if final.error else {}
+    return dg.MaterializeResult(metadata={**_counts(final), **reason, "rerun": record.finished},
                                 check_results=_diff_checks(final))
 
 

@@ -9,6 +9,7 @@ may take, and as a run it shows in the UI with its counts and its failures.
 import dagster as dg
 
 from audience_pipeline.config import Workspace
+from audience_pipeline.defs.audiences import report_audiences
 from audience_pipeline.defs.resources import AudienceWorkspace
 from audience_pipeline.eligibility import EligibilitySweep
 
@@ -25,7 +26,8 @@ def sweep_ineligible_members(context: dg.OpExecutionContext, config: Eligibility
                              audience_workspace: AudienceWorkspace) -> dg.Output:
     """Disqualify, per feed with eligible:, the current members the users registry no longer makes eligible,
     as one import per feed with disqualify events."""
-    results = EligibilitySweep(audience_workspace.service()).sweep(config.feeds or None)
+    service = audience_workspace.service()
+    results = EligibilitySweep(service).sweep(config.feeds or None)
     for result in results:
         if result.failed:
             context.log.error(f"{result.feed}: opt-out sweep {result.record.import_id} failed: {result.record.error}")
@@ -35,6 +37,7 @@ def sweep_ineligible_members(context: dg.OpExecutionContext, config: Eligibility
             continue
         context.log.info(f"{result.feed}: opt-out sweep {result.record.import_id} disqualified "
                          f"{result.record.disqualified} members (registry {result.users_sha256[:12]})")
+        report_audiences(context, service, result.record)
         for drop in result.large_drops:
             context.log.warning(f"{result.feed}: large drop, admins e-mailed: {drop}")
     failed = [r for r in results if r.failed]

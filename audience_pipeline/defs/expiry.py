@@ -1,14 +1,17 @@
 import dagster as dg
 
+from audience_pipeline.defs.audiences import report_audiences
 from audience_pipeline.defs.resources import AudienceWorkspace
 
 
 @dg.op
 def sweep_expired_memberships(context: dg.OpExecutionContext, audience_workspace: AudienceWorkspace) -> dg.Output:
     """Remove every membership whose expires_at has passed, one import per feed, with disqualify events."""
-    records = audience_workspace.service().sweep_expired()
+    service = audience_workspace.service()
+    records = service.sweep_expired()
     for record in records:
         context.log.info(f"expiry sweep {record.import_id} ({record.feed}): -{record.disqualified} members")
+        report_audiences(context, service, record)
     return dg.Output(None, metadata={"imports": len(records),
                                      "disqualified": sum(r.disqualified or 0 for r in records)})
 

@@ -1,5 +1,6 @@
 import dagster as dg
 
+from audience_pipeline.defs.audiences import report_audiences
 from audience_pipeline.defs.resources import AudienceWorkspace
 
 
@@ -12,9 +13,11 @@ class DeleteAudienceConfig(dg.Config):
 def delete_audience(context: dg.OpExecutionContext, config: DeleteAudienceConfig,
                     audience_workspace: AudienceWorkspace) -> dg.Output:
     """Disqualify every member of the audience (with events) and mark it deleted."""
-    record = audience_workspace.service().delete_audience(config.feed, config.name)
+    service = audience_workspace.service()
+    record = service.delete_audience(config.feed, config.name)
     if record.status != "succeeded":
         raise dg.Failure(description=f"deleting {config.name!r} failed: {record.error}")
+    report_audiences(context, service, record, deleted=True)
     context.log.info(f"audience {config.name!r} deleted: -{record.disqualified} members")
     return dg.Output(None, metadata={"import_id": record.import_id, "disqualified": record.disqualified or 0})
 
@@ -34,7 +37,9 @@ class ImportDecisionConfig(dg.Config):
 def approve_import(context: dg.OpExecutionContext, config: ImportDecisionConfig,
                    audience_workspace: AudienceWorkspace) -> dg.Output:
     """Apply a held import (diffed again against the current lists), then the imports queued behind it."""
-    record = audience_workspace.service().approve(config.import_id)
+    service = audience_workspace.service()
+    record = service.approve(config.import_id)
+    report_audiences(context, service, record)
     context.log.info(f"import {record.import_id} {record.status}: +{record.qualified} -{record.disqualified}")
     return dg.Output(None, metadata={"import_id": record.import_id, "status": record.status})
 
@@ -48,7 +53,9 @@ def audience_approve_job():
 def reject_import(context: dg.OpExecutionContext, config: ImportDecisionConfig,
                   audience_workspace: AudienceWorkspace) -> dg.Output:
     """Drop a held import (status rejected), then apply the imports queued behind it."""
-    record = audience_workspace.service().reject(config.import_id)
+    service = audience_workspace.service()
+    record = service.reject(config.import_id)
+    report_audiences(context, service, record)
     return dg.Output(None, metadata={"import_id": record.import_id, "status": record.status})
 
 
