@@ -547,12 +547,12 @@ def migrate(dry_run: bool, config: str | None) -> None:
 @click.argument("import_id", type=int)
 @config_option
 def approve(import_id: int, config: str | None) -> None:
-    """Apply held import IMPORT_ID now (and the imports queued behind it)."""
+    """Apply held import IMPORT_ID now (and the imports queued behind it), as a run of audience_approve_job."""
     from audience_pipeline.importer import ImportFailed
 
     runner = _runner(_workspace(config))
     try:
-        record = runner.service.approve(import_id)
+        record = runner.decide(import_id, approve=True)
     except (ValueError, KeyError) as exc:
         raise CliError(str(exc).strip("'")) from None
     except CatalogBusy as exc:
@@ -567,10 +567,10 @@ def approve(import_id: int, config: str | None) -> None:
 @click.argument("import_id", type=int)
 @config_option
 def reject(import_id: int, config: str | None) -> None:
-    """Drop held import IMPORT_ID: nothing of it is applied."""
+    """Drop held import IMPORT_ID: nothing of it is applied (a run of audience_reject_job)."""
     runner = _runner(_workspace(config))
     try:
-        record = runner.service.reject(import_id)
+        record = runner.decide(import_id, approve=False)
     except (ValueError, KeyError) as exc:
         raise CliError(str(exc).strip("'")) from None
     click.echo(f"import {record.import_id}: {record.status}")

@@ -560,11 +560,16 @@ class ImportService:
                                         f"superseded by the newer list of import {record.import_id}")
 
     # -- operator decisions -------------------------------------------------------------------------
-    def approve(self, import_id: int) -> ImportRecord:
-        """Apply a held import now (diffed again against the current lists), then the imports queued behind it."""
+    def held(self, import_id: int) -> ImportRecord:
+        """The held import an operator decides on: KeyError for an unknown id, ValueError if it is not held."""
         record = self.catalog.get_import(import_id)
         if record.status != ImportStatus.HELD:
             raise ValueError(f"import {import_id} is {record.status}, not held")
+        return record
+
+    def approve(self, import_id: int) -> ImportRecord:
+        """Apply a held import now (diffed again against the current lists), then the imports queued behind it."""
+        record = self.held(import_id)
         feed = self._feed(record)
         summary = self.validate(record)
         audience_ids = self.catalog.audience_ids(record.feed, list(summary.audiences),
@@ -577,9 +582,7 @@ class ImportService:
 
     def reject(self, import_id: int) -> ImportRecord:
         """Drop a held import (status ``rejected``), then apply the imports queued behind it."""
-        record = self.catalog.get_import(import_id)
-        if record.status != ImportStatus.HELD:
-            raise ValueError(f"import {import_id} is {record.status}, not held")
+        record = self.held(import_id)
         result = self.catalog.set_status(import_id, ImportStatus.REJECTED, "rejected by an operator")
         self._release_waiting(record.feed, list(record.audiences or []))
         return result

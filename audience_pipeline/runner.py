@@ -147,6 +147,7 @@ class Runner:
     def decide(self, import_id: int, approve: bool) -> ImportRecord:
         """Approve or reject a held import through its Dagster job, so that the decision, and the audiences it
         changes, show in the Dagster UI. An error (the import is not held) is raised as it was raised."""
+        self.service.held(import_id)  # an operator's slip (no such import, not held) is not a failed run
         job, op = ("audience_approve_job", "approve_import") if approve else ("audience_reject_job", "reject_import")
         run_config = {"ops": {op: {"config": {"import_id": import_id}}}, **(QUIET_RUN_CONFIG if self.quiet else {})}
         try:

@@ -101,6 +101,16 @@ def make_env(tmp_path, dagster_instance, catalog_location):
     return _make
 
 
+@pytest.fixture
+def mics_env(make_env) -> Env:
+    """A workspace with one mediarithmics feed, ``mics``, and its drop folder."""
+    config = base_config()
+    config["feeds"] = {"mics": {"format": "mediarithmics", "source": "drop/mics"}}
+    env = make_env(config)
+    (env.root / "drop" / "mics").mkdir(parents=True)
+    return env
+
+
 def free_port() -> int:
     import socket
 

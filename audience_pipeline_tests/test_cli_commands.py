@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 
@@ -101,6 +102,14 @@ def test_approve_and_reject_held_imports(gated, tmp_path):
     assert approved.returncode == 0 and "succeeded" in approved.stdout, approved.stdout + approved.stderr
     assert gated.members("g") == {"b"}
     assert cli(gated, "approve", "9999").returncode != 0  # no such import: an error, not a silent success
+
+    # each decision was a run of its job on the workspace's instance, and the approval shows on the audience
+    with dg.DagsterInstance.from_config(str(gated.root)) as instance:
+        for job in ("audience_reject_job", "audience_approve_job"):
+            runs = instance.get_run_records(dg.RunsFilter(job_name=job))
+            assert [r.dagster_run.status for r in runs] == [dg.DagsterRunStatus.SUCCESS], job
+        reported = instance.fetch_materializations(dg.AssetKey("audience"), limit=100).records
+        assert held_id in [r.asset_materialization.metadata["import_id"].value for r in reported]
 
 
 def test_delete_audience_forget_user_and_views(env, tmp_path):

@@ -80,11 +80,8 @@ def test_an_audience_partition_key_is_short_stable_and_unique():
     assert audience_partition_key("loymax", long_name, 123456) == key
 
 
-def test_a_file_of_several_audiences_reports_each_on_its_own_partition(make_env):
-    config = base_config()
-    config["feeds"] = {"mics": {"format": "mediarithmics", "source": "drop/mics"}}
-    env = make_env(config)
-    (env.root / "drop" / "mics").mkdir(parents=True)
+def test_a_file_of_several_audiences_reports_each_on_its_own_partition(mics_env):
+    env = mics_env
 
     def command(user, segment):
         return json.dumps({"operation": "UPDATE", "expiration_duration": 0, "user_account_id": user,

@@ -20,11 +20,8 @@ def sleep_until(instant: datetime) -> None:
         time.sleep(0.05)
 
 
-def test_expiry_job_and_its_schedule(make_env):
-    config = base_config()
-    config["feeds"] = {"mics": {"format": "mediarithmics", "source": "drop/mics"}}
-    env = make_env(config)
-    (env.root / "drop" / "mics").mkdir(parents=True)
+def test_expiry_job_and_its_schedule(mics_env):
+    env = mics_env
 
     def command(user, expires_ms):
         return json.dumps({"operation": "UPDATE", "expiration_duration": 0, "expiration_ts": expires_ms,

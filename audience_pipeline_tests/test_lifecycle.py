@@ -39,16 +39,13 @@ def test_delete_audience_then_recreate_is_refused(env):
     assert env.members("gone") == set()
 
 
-def test_a_deleted_name_is_reused_where_the_format_creates_segments(make_env):
+def test_a_deleted_name_is_reused_where_the_format_creates_segments(mics_env):
     """mediarithmics (like Attentive: a segment that does not exist "will be created when this file is
     processed") reuses a deleted name by default: a new audience with a new id, while the deleted one keeps
     its history under its own id. Lookups by name answer for the live audience."""
     import json
 
-    config = base_config()
-    config["feeds"] = {"mics": {"format": "mediarithmics", "source": "drop/mics"}}
-    env = make_env(config)
-    (env.root / "drop" / "mics").mkdir(parents=True)
+    env = mics_env
 
     def commands(*users):
         return "".join(json.dumps({"operation": "UPDATE", "expiration_duration": 0, "user_account_id": u,
