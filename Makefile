@@ -25,10 +25,9 @@ system-deps:
 	  apt-get install -y "$${need[@]}" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$${need[@]}" >/dev/null; }; \
 	fi
 
-# Screenshots of the UI tests land in test-artifacts/; the tests run on every core (pytest-xdist), and the
-# 25 slowest are listed at the end.
+# Screenshots of the UI tests land in test-artifacts/; the 25 slowest tests are listed at the end.
 test: env system-deps
-	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q -n auto --durations=25
+	AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q --durations=25
 
 # docs/audience-history.png, the README's picture of one audience's history in the UI, taken by the browser
 # test's own steps (which, as every test run, write only to test-artifacts/), then copied.
