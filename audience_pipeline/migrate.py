@@ -53,7 +53,7 @@ SELECT import_id, status, file_name FROM imports
 WHERE feed = ? AND status IN ('received', 'held', 'waiting', 'abandoned')
   AND coalesce(source_uri, '') <> 'migrate' ORDER BY import_id
 """
-RENAME = "UPDATE audiences SET name = ? WHERE audience_id = ? AND name = ? AND status = 'active'"
+RENAME = "UPDATE audiences SET name = ?, dirty = true WHERE audience_id = ? AND name = ? AND status = 'active'"
 
 WORK_TABLES = """
 CREATE TABLE lines (import_id BIGINT, source_line BIGINT, old_key VARCHAR, identifier VARCHAR, user_id VARCHAR,

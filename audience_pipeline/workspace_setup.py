@@ -13,7 +13,7 @@ from audience_pipeline.storage.views import analytics_script, write_analytics
 
 
 def prepare(workspace: Workspace, lake: Lake | None = None, replace_views: bool = False) -> bool:
-    """Create the lake, publish the catalog snapshot and write the analysts' views if missing.
+    """Create the lake, publish the catalog and write the analysts' views if missing.
 
     For an S3 lake the views are a SQL script (``<analytics>.sql``) for DuckDB with httpfs: this
     machine's DuckDB cannot read S3, so it cannot create (bind) those views itself.
@@ -23,8 +23,11 @@ def prepare(workspace: Workspace, lake: Lake | None = None, replace_views: bool 
             raise ValueError("an S3 lake is prepared through the import service, which holds its client")
         lake = Lake(workspace.lake)
     lake.ensure()
-    if not any(lake.snapshot_dir(0).parent.glob("*/snapshot.parquet")):
-        Catalog(workspace.catalog, lake, workspace.config.storage.lock_timeout_seconds).publish()
+    catalog = Catalog(workspace.catalog, lake, workspace.config.storage.lock_timeout_seconds)
+    catalog.publisher.ensure()
+    if not catalog.publisher.published():
+        # a fresh workspace, or one upgraded from whole-catalog snapshots: its rows are all dirty
+        catalog.publish()
     if lake.remote is not None:
         script = workspace.analytics.with_suffix(".sql")
         if script.exists() and not replace_views:

@@ -58,7 +58,8 @@ def test_an_import_committed_between_the_exports_reads_is_wholly_in_or_out(env):
         con.execute("INSERT INTO audience_versions (audience_id, version, import_id, sha256, member_count, "
                     "qualified, disqualified, valid_from) VALUES (?, ?, ?, ?, 1, 0, 1, now())",
                     [audience, record.import_id, record.import_id, record.sha256])
-        con.execute("UPDATE imports SET status = 'succeeded', finished_at = now() WHERE import_id = ?",
+        con.execute("UPDATE imports SET status = 'succeeded', finished_at = now(), dirty = true "
+                    "WHERE import_id = ?",
                     [record.import_id])
         thread.start()
         _wait_for_lock_wait(con, thread)

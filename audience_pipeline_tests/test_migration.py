@@ -2,6 +2,7 @@
 catalogs: the new columns are added in place, its imports stay as they were, and an import it had in
 progress (with no holder recorded) is taken for dead and abandoned rather than waited for."""
 
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -50,7 +51,8 @@ def test_a_0_1_0_catalog_is_migrated_in_place(make_env, catalog_location, tmp_pa
         columns = [r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'imports' "
             "ORDER BY ordinal_position").fetchall()]
-    assert columns[-6:] == ["holder", "alive_at", "applied_at", "profile", "ineligible", "resolved_by"]
+    assert columns[-8:] == ["holder", "alive_at", "applied_at", "profile", "ineligible", "resolved_by", "dirty",
+                            "in_delta"]
     assert "status" in columns
     with catalog.session() as con:
         sweeps = con.execute("SELECT count(*) FROM eligibility_sweeps").fetchone()
@@ -105,24 +107,48 @@ def test_an_older_views_file_and_placeholder_are_rewritten(make_env, tmp_path):
     assert prepare(env.workspace) is False  # current: left alone
 
 
-def test_views_are_written_over_snapshots_older_than_their_columns(make_env):
-    """A workspace upgraded before its next import holds only snapshots of the older shape (no list_time,
-    ineligible, resolved_by): the views are still written, and read those columns as NULL."""
+def test_a_workspace_of_whole_catalog_snapshots_is_published_as_deltas(make_env, catalog_location):
+    """A workspace from before incremental publishing: a catalog without the dirty marks, and its state in
+    whole-catalog snapshots (catalog/snapshots/seq=N/snapshot.parquet), which the views of then read. Preparing it
+    adds the marks (every row starts marked) and publishes the whole catalog as one delta; the new views show
+    what the old snapshot showed; the old snapshots go once no query can still be reading them."""
+    import os
+
+    from audience_pipeline.storage import publishing
+    from audience_pipeline.storage.lake import Lake
     from audience_pipeline.workspace_setup import prepare
 
     env = make_env(base_config())
-    env.import_file("a.csv", "u1\n")
-    snapshots = sorted(env.workspace.lake.glob("catalog/snapshots/*/snapshot.parquet"))
-    for older in snapshots[:-1]:
-        older.unlink()
-    con = duckdb.connect()
-    newest = str(snapshots[-1])
-    con.execute(f"COPY (SELECT * EXCLUDE (list_time, ineligible, resolved_by) FROM read_parquet('{newest}')) "
-                f"TO '{newest}.old' (FORMAT parquet)")
-    con.close()
-    Path(newest + ".old").replace(newest)
+    env.import_file("a.csv", "u1\nu2\n")
+    env.import_file("b.csv", "u3\n")
+    before = (env.query("SELECT import_id, file_name, status, members FROM imports ORDER BY 1"),
+              env.query("SELECT name, member_count, version FROM audiences ORDER BY 1"))
+    catalog = env.runner.service.catalog
+    with catalog.session() as con:
+        for table in publishing.PUBLISHED_TABLES:
+            for column in ("dirty", "in_delta"):
+                if catalog.backend.kind == "postgresql":
+                    con.execute(f"DROP INDEX IF EXISTS {table}_{column}")
+                con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        con.execute("DROP TABLE publication")
+    lake = Lake(env.workspace.lake)
+    legacy = lake.root / "catalog" / "snapshots" / "seq=000000000007"
+    legacy.mkdir(parents=True)
+    (legacy / "snapshot.parquet").write_bytes((lake.base_file(0)).read_bytes())
+    for kind in ("base", "deltas"):
+        shutil.rmtree(lake.root / "catalog" / kind)
     env.workspace.analytics.unlink()
+
     assert prepare(env.workspace) is True
-    assert env.query("SELECT file_name, status, ineligible, resolved_by FROM imports") == [
-        ("a.csv", "succeeded", None, None)]
-    assert env.query("SELECT audience_name, list_time FROM audience_versions") == [("a", None)]
+    assert (env.query("SELECT import_id, file_name, status, members FROM imports ORDER BY 1"),
+            env.query("SELECT name, member_count, version FROM audiences ORDER BY 1")) == before
+    with catalog.session() as con:
+        assert con.execute("SELECT count(*) FROM imports WHERE dirty").fetchone() == (0,)
+    assert sorted(lake.deltas()) == [(0, 0), (sorted(lake.deltas())[1][0], 0)]  # one delta: the whole catalog
+    assert env.import_file("a.csv", "u1\n").status == "succeeded"
+    assert env.members("a") == {"u1"}
+    catalog.publisher.prune()
+    assert legacy.exists()  # a query may still read it
+    os.utime(legacy, (0, 0))
+    catalog.publisher.prune()
+    assert not legacy.exists()

@@ -43,7 +43,7 @@ def test_s3_lake_round_trip(make_env, moto_s3, tmp_path):
                      f"lake/rejected/import_id={first.import_id}/rejected.parquet",
                      f"lake/validated/import_id={first.import_id}/rows.parquet"):
         assert expected in keys
-    assert any(k.startswith("lake/catalog/snapshots/seq=") for k in keys)
+    assert any(k.startswith("lake/catalog/deltas/seq=") for k in keys)
     assert client.head_object(Bucket=LAKE_BUCKET, Key=member_key)["ServerSideEncryption"] == "AES256"
 
     # the local cache keeps only what the next diff reads

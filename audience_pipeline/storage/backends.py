@@ -74,14 +74,16 @@ class DuckDBBackend:
             con.execute(schema)
             if con.execute(sql.DUCKDB_NAME_CONSTRAINT).fetchone()[0]:
                 _migrate_duckdb(con)
+                con.execute(schema)  # the rebuilt table gets the columns added since 0.1.0
             yield con
         finally:
             con.close()
 
+    export_begin = "BEGIN TRANSACTION"
+
     @contextmanager
     def export_order(self, con: Session) -> Iterator[None]:
-        """Holding the file already orders exports. (No transaction: DuckDB sequences roll back, and a
-        snapshot number must never be handed out twice.)"""
+        """Holding the file already orders exports."""
         yield
 
 
@@ -143,28 +145,31 @@ class PostgresBackend:
         finally:
             con.close()
 
+    # The export reads the catalog in one REPEATABLE READ transaction: under READ COMMITTED each read saw the
+    # catalog of its own instant, and an import committed between two of them was half in the export (its
+    # versions without its import). Clearing a dirty mark that a commit after the transaction's start set
+    # again is refused there (a serialization failure), so that change is never lost.
+    export_begin = "BEGIN ISOLATION LEVEL REPEATABLE READ"
+
     @contextmanager
     def export_order(self, con: Session) -> Iterator[None]:
-        """Concurrent commits export concurrently: a lock makes the snapshot numbers follow the order in
-        which the snapshots read the catalog, so the highest number is the newest. (PostgreSQL sequences
-        never roll back, so a number is never handed out twice.)
-
-        The export reads its tables in one REPEATABLE READ transaction: under READ COMMITTED each read saw
-        the catalog of its own instant, and an import committed between two of them was half in the
-        snapshot (its versions without its import). That transaction's view of the catalog is fixed by its
-        first statement, so the lock is taken before it (a session lock): an export that waited for the
-        previous one then reads a catalog at least as new as the one the previous export read."""
+        """Concurrent commits export concurrently: a lock makes the export numbers follow the order in
+        which the exports read the catalog, so a higher number holds a later state. (PostgreSQL sequences
+        never roll back, so a number is never handed out twice.) It is a session lock, taken before the
+        transaction whose view of the catalog its first statement fixes: an export that waited for the
+        previous one reads a catalog at least as new as the one the previous export read."""
         con.execute("SELECT pg_advisory_lock(7317002)")
         try:
-            con.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-            try:
-                yield
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+            yield
         finally:
             con.execute("SELECT pg_advisory_unlock(7317002)")
+
+    def copy_csv(self, con: _PostgresSession, query: str, dest: Path) -> None:
+        """Stream a query's rows into a CSV file (COPY ... TO STDOUT), never as Python objects per row."""
+        with con.con.cursor() as cur, open(dest, "wb") as out:
+            with cur.copy(f"COPY ({query}) TO STDOUT (FORMAT csv)") as copy:
+                for chunk in copy:
+                    out.write(chunk)
 
 
 def _migrate_duckdb(con) -> None:

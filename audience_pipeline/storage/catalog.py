@@ -2,35 +2,30 @@
 
 It lives in a small DuckDB file (one machine: runs open it for milliseconds at a time and retry while
 another run holds it) or in PostgreSQL (several nodes), through the same statements. After every change
-the committed state is exported to a new numbered snapshot in the lake, moved into place by atomic rename:
-that rename is the commit point analysts see.
+what it committed is published to the lake as a new numbered delta, moved into place by atomic rename:
+that rename is the commit point analysts see (storage.publishing).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 from audience_pipeline import faults
 from audience_pipeline.model import TERMINAL_STATUSES, ImportStatus
-from audience_pipeline.sql import quote_identifier, quote_literal
 from audience_pipeline.storage import statements as sql
 from audience_pipeline.storage.backends import CatalogBusy, Session, backend_for
 from audience_pipeline.storage.lake import Lake
 from audience_pipeline.storage.liveness import Holds, describe_holder, holder_key
-
-SNAPSHOT_GRACE_SECONDS = 600
+from audience_pipeline.storage.publishing import Publisher
 
 
 class CommitRefused(Exception):
@@ -141,6 +136,7 @@ class Catalog:
         self.lake = lake
         self.lock_timeout = lock_timeout
         self.liveness = self.backend.liveness(liveness_timeout)
+        self.publisher = Publisher(self.backend, lake)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -167,12 +163,12 @@ class Catalog:
         if row is None:
             return None
         names = [d[0] for d in cur.description]
-        return ImportRecord(**dict(zip(names, row, strict=True)))
+        return ImportRecord(**_known(zip(names, row, strict=True)))
 
     @staticmethod
     def _records(cur) -> list[ImportRecord]:
         names = [d[0] for d in cur.description]
-        return [ImportRecord(**dict(zip(names, row, strict=True))) for row in cur.fetchall()]
+        return [ImportRecord(**_known(zip(names, row, strict=True))) for row in cur.fetchall()]
 
     def find_import(self, partition_key: str, delivery: str) -> ImportRecord | None:
         with self.session() as con:
@@ -639,59 +635,8 @@ class Catalog:
 
     # -- publishing and retention ------------------------------------------------------------------
     def export_snapshot(self, con: Session) -> None:
-        """Publish the committed state as a new, numbered snapshot folder, moved into place by one atomic
-        rename: the commit point analysts see. The views read the highest number.
-
-        Numbering, reading and renaming happen in an order the backend serializes, so a higher number
-        always holds a later state.
-        """
-        with self.backend.export_order(con):
-            (seq,) = con.execute("SELECT nextval('snapshot_seq')").fetchone()
-            final = self.lake.snapshot_dir(seq)
-            staged = self.lake.staging(f"snapshot_{seq}")
-            if staged.exists():
-                shutil.rmtree(staged)
-            staged.mkdir(parents=True)
-            self._write_snapshot(con, staged / "snapshot.parquet")
-            if self.lake.remote is not None:
-                # on an S3 lake, the new snapshot object appearing is the commit point
-                self.lake.remote.upload(staged / "snapshot.parquet", self.lake.relative(final / "snapshot.parquet"))
-            faults.point("export.written")
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            faults.point("export.renamed")
-        self._prune_snapshots(seq)
-
-    def _write_snapshot(self, con: Session, dest: Path) -> None:
-        if self.backend.kind == "duckdb":
-            con.execute(f"COPY ({sql.SNAPSHOT}) TO {quote_literal(dest)} (FORMAT parquet)")
-            return
-        # Another database: copy the catalog's three tables (small: rows per import, not per ID) into an
-        # in-memory DuckDB of the same schema and write the very same snapshot query from there.
-        mem = duckdb.connect(":memory:")
-        try:
-            mem.execute("SET TimeZone = 'UTC'")
-            mem.execute(sql.SCHEMA)
-            for table in ("imports", "audiences", "audience_versions"):
-                schema = mem.sql(f"SELECT * FROM {quote_identifier(table)} LIMIT 0").to_arrow_table().schema
-                cur = con.execute(f"SELECT {', '.join(quote_identifier(n) for n in schema.names)} "
-                                  f"FROM {quote_identifier(table)}")
-                columns = list(zip(*cur.fetchall(), strict=True)) or [[] for _ in schema.names]
-                rows = pa.table([pa.array(list(c), type=f.type) for c, f in zip(columns, schema, strict=True)],
-                                schema=schema)
-                mem.register("catalog_rows", rows)
-                mem.execute(f"INSERT INTO {quote_identifier(table)} SELECT * FROM catalog_rows")
-                mem.unregister("catalog_rows")
-            mem.execute(f"COPY ({sql.SNAPSHOT}) TO {quote_literal(dest)} (FORMAT parquet)")
-        finally:
-            mem.close()
-
-    def _prune_snapshots(self, newest: int) -> None:
-        """Drop superseded snapshots once no query can still be reading them (kept 10 minutes)."""
-        cutoff = time.time() - SNAPSHOT_GRACE_SECONDS
-        for folder in self.lake.snapshot_dir(newest).parent.iterdir():
-            if folder.name != self.lake.snapshot_dir(newest).name and folder.stat().st_mtime < cutoff:
-                self.lake.delete_tree(folder)
+        """Publish what the catalog committed since the last export (storage.publishing)."""
+        self.publisher.export(con)
 
     def publish(self) -> None:
         with self.session() as con:
@@ -725,6 +670,14 @@ class _LostRace(Exception):
     def __init__(self, holders: list[tuple]):
         super().__init__("another import took an audience lock first")
         self.holders = holders
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(ImportRecord))
+
+
+def _known(pairs) -> dict:
+    """An import row's columns that ImportRecord holds (not the publishing marks)."""
+    return {name: value for name, value in pairs if name in _RECORD_FIELDS}
 
 
 def _iso(at: datetime | None) -> str:

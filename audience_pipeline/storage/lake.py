@@ -5,10 +5,11 @@
     rejected/import_id=<n>/rejected.parquet            rejected rows with line number and reason
     members/audience_id=<a>/version=<v>/data_0.parquet member list of one audience version
     events/import_id=<n>/events.parquet                net qualify/disqualify per (import, audience, user)
-    catalog/snapshots/seq=<n>/snapshot.parquet         committed catalog state; the newest is current
+    catalog/base/seq=<n>/base.parquet                  committed catalog state as of number n (compacted)
+    catalog/deltas/seq=<n>/base=<b>/delta.parquet      catalog records changed since base b, as of number n
     staging/                                           work in progress, never read by views
 
-Nothing under members/, events/, rejected/ is read by analysts unless the snapshot names its import or
+Nothing under members/, events/, rejected/ is read by analysts unless the published catalog names its import or
 version, so a crashed run leaves only unreferenced files that its re-run overwrites. Every file is written
 under a new name and never rewritten in place: DuckDB may open a file more than once per query (metadata
 at bind time, data at scan time), and a file replaced between the two reads as corrupt.
@@ -99,12 +100,41 @@ class Lake:
     def members_file(self, audience_id: int, version: int) -> Path:
         return self.members_dir(audience_id, version) / "data_0.parquet"
 
-    def snapshot_dir(self, seq: int) -> Path:
-        return self.root / "catalog" / "snapshots" / f"seq={seq:012d}"
+    def base_dir(self, seq: int) -> Path:
+        return self.root / "catalog" / "base" / f"seq={seq:012d}"
+
+    def base_file(self, seq: int) -> Path:
+        return self.base_dir(seq) / "base.parquet"
+
+    def delta_dir(self, seq: int, base: int) -> Path:
+        return self.root / "catalog" / "deltas" / f"seq={seq:012d}" / f"base={base:012d}"
+
+    def delta_file(self, seq: int, base: int) -> Path:
+        return self.delta_dir(seq, base) / "delta.parquet"
+
+    def deltas(self) -> list[tuple[int, int]]:
+        """(number, base) of the deltas in the local lake."""
+        found = []
+        for folder in (self.root / "catalog" / "deltas").glob("seq=*/base=*"):
+            seq, base = folder.parent.name[4:], folder.name[5:]
+            if seq.isdigit() and base.isdigit():
+                found.append((int(seq), int(base)))
+        return found
 
     @property
-    def snapshots_glob(self) -> str:
-        return self.location + "catalog/snapshots/*/snapshot.parquet"
+    def base_glob(self) -> str:
+        return self.location + "catalog/base/*/base.parquet"
+
+    @property
+    def deltas_glob(self) -> str:
+        return self.location + "catalog/deltas/*/*/delta.parquet"
+
+    @staticmethod
+    def numbers(folder: Path) -> list[int]:
+        """The numbers of a folder's ``seq=<n>`` subfolders (none when it does not exist)."""
+        if not folder.is_dir():
+            return []
+        return [int(c.name[4:]) for c in folder.iterdir() if c.name.startswith("seq=") and c.name[4:].isdigit()]
 
     def staging(self, name: str) -> Path:
         return self.root / "staging" / name

@@ -88,10 +88,21 @@ ALTER TABLE imports ADD COLUMN IF NOT EXISTS applied_at TIMESTAMPTZ;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS profile VARCHAR;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS ineligible BIGINT;
 ALTER TABLE imports ADD COLUMN IF NOT EXISTS resolved_by VARCHAR;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS dirty BOOLEAN DEFAULT true;
+ALTER TABLE audiences ADD COLUMN IF NOT EXISTS dirty BOOLEAN DEFAULT true;
+ALTER TABLE audience_versions ADD COLUMN IF NOT EXISTS dirty BOOLEAN DEFAULT true;
+ALTER TABLE imports ADD COLUMN IF NOT EXISTS in_delta BOOLEAN DEFAULT false;
+ALTER TABLE audiences ADD COLUMN IF NOT EXISTS in_delta BOOLEAN DEFAULT false;
+ALTER TABLE audience_versions ADD COLUMN IF NOT EXISTS in_delta BOOLEAN DEFAULT false;
+CREATE TABLE IF NOT EXISTS publication (base_seq BIGINT NOT NULL);
+INSERT INTO publication SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM publication);
 """
-# The ALTERs are the migration of catalogs made before liveness (0.1.0) and before the eligibility counts
-# (ineligible; resolved_by, the rows each identifier type resolved, as JSON text); a new catalog gets its
-# columns the same way, so that old and new catalogs have the same column order.
+# The ALTERs are the migration of catalogs made before liveness (0.1.0), before the eligibility counts
+# (ineligible; resolved_by, the rows each identifier type resolved, as JSON text) and before incremental
+# publishing (dirty: the row changed since the last export, in_delta: since the newest base; an existing row
+# starts dirty, so the first export after the upgrade publishes the whole catalog). A new catalog gets its
+# columns the same way, so that old and new catalogs have the same column order. Every statement below that
+# changes a column analysts see sets dirty = true (storage.publishing; test_publishing checks the statements).
 
 GET_CURSOR = "SELECT cursor FROM poll_cursors WHERE feed = ?"
 SET_CURSOR = "INSERT INTO poll_cursors VALUES (?, ?) ON CONFLICT (feed) DO UPDATE SET cursor = excluded.cursor"
@@ -110,12 +121,13 @@ RETURNING import_id
 
 # A run of the delivery takes over its import: an abandoned one, or one whose holder it found dead.
 TAKE_OVER = """
-UPDATE imports SET status = 'received', error = NULL, finished_at = NULL, run_id = ?, holder = ?, alive_at = ?
+UPDATE imports SET status = 'received', error = NULL, finished_at = NULL, run_id = ?, holder = ?, alive_at = ?,
+       dirty = true
 WHERE import_id = ? AND status IN ('received', 'abandoned')
 """
 # Only while it still has the holder that was found dead: a run that took it over in between keeps it.
 MARK_ABANDONED = """
-UPDATE imports SET status = 'abandoned', error = ?, finished_at = ?
+UPDATE imports SET status = 'abandoned', error = ?, finished_at = ?, dirty = true
 WHERE import_id = ? AND status = 'received' AND holder IS NOT DISTINCT FROM ?
 """
 IN_PROGRESS_OF_FEED = """
@@ -128,7 +140,8 @@ OWN_STATUS = "SELECT status FROM imports WHERE import_id = ?"
 FINISH_IMPORT = """
 UPDATE imports SET status = ?, error = ?, rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?,
        unmatched = ?, qualified = ?, disqualified = ?, members = ?, noops = ?, warnings = ?,
-       audiences = CAST(? AS VARCHAR[]), users_sha256 = ?, ineligible = ?, resolved_by = ?, finished_at = ?
+       audiences = CAST(? AS VARCHAR[]), users_sha256 = ?, ineligible = ?, resolved_by = ?, finished_at = ?,
+       dirty = true
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
@@ -164,7 +177,7 @@ FROM earlier e LEFT JOIN audience_versions c ON c.audience_id = e.audience_id AN
 LEFT JOIN imports ci ON ci.import_id = c.import_id
 """
 
-CLOSE_VERSION = "UPDATE audience_versions SET valid_to = ? WHERE audience_id = ? AND valid_to IS NULL"
+CLOSE_VERSION = "UPDATE audience_versions SET valid_to = ?, dirty = true WHERE audience_id = ? AND valid_to IS NULL"
 INSERT_VERSION = """
 INSERT INTO audience_versions (audience_id, version, import_id, sha256, users_sha256, member_count, qualified,
                                disqualified, valid_from, list_time, next_expiry)
@@ -176,19 +189,6 @@ SELECT audience_id, version FROM audience_versions
 WHERE valid_to IS NOT NULL AND valid_to < ? AND NOT files_deleted
 """
 MARK_VERSION_DELETED = "UPDATE audience_versions SET files_deleted = true WHERE audience_id = ? AND version = ?"
-
-# One Parquet file holds every committed fact analysts see, so that replacing it is a single commit point.
-SNAPSHOT = """
-SELECT 'version' AS record, v.audience_id, a.name AS audience_name, a.feed, a.status AS audience_status,
-       v.version, v.import_id, v.sha256, v.member_count, v.qualified, v.disqualified, v.valid_from, v.valid_to,
-       v.list_time
-FROM audience_versions v JOIN audiences a USING (audience_id)
-UNION ALL BY NAME
-SELECT 'import' AS record, import_id, feed, source_uri, file_name, sha256, size_bytes, semantics, status,
-       rows_total, rows_valid, rows_rejected, duplicates, unmatched, qualified, disqualified, members,
-       noops, warnings, audiences, error, users_sha256, run_id, received_at, finished_at, ineligible, resolved_by
-FROM imports WHERE status <> 'received'
-"""
 
 # Retention: what may go. Never the raw file or partition of a current version, nor an unfinished import.
 RAW_EXPIRED = """
@@ -225,7 +225,7 @@ SELECT count(*) FROM audiences a
 WHERE a.feed = ? AND a.status = 'active'
   AND EXISTS (SELECT 1 FROM audience_versions v WHERE v.audience_id = a.audience_id AND v.valid_to IS NULL)
 """
-MARK_DELETED = "UPDATE audiences SET status = 'deleted' WHERE audience_id = ANY(CAST(? AS BIGINT[]))"
+MARK_DELETED = "UPDATE audiences SET status = 'deleted', dirty = true WHERE audience_id = ANY(CAST(? AS BIGINT[]))"
 
 # Held and waiting imports that name any of these audiences (audience names are kept on each import).
 PENDING_FOR_AUDIENCES = """
@@ -238,12 +238,12 @@ SET_PENDING = """
 UPDATE imports SET status = ?, error = ?, qualified = ?, disqualified = ?, members = ?,
        audiences = CAST(? AS VARCHAR[]),
        rows_total = ?, rows_valid = ?, rows_rejected = ?, duplicates = ?, unmatched = ?, users_sha256 = ?,
-       ineligible = ?, resolved_by = ?, finished_at = ?, applied_at = NULL
+       ineligible = ?, resolved_by = ?, finished_at = ?, applied_at = NULL, dirty = true
 WHERE import_id = ? AND status IN ('received', 'held', 'waiting')
 """
 
 SET_STATUS = """
-UPDATE imports SET status = ?, error = ?, finished_at = ?
+UPDATE imports SET status = ?, error = ?, finished_at = ?, dirty = true
 WHERE import_id = ? AND status IN ('held', 'waiting')
 """
 
@@ -327,16 +327,24 @@ SET_APPLIED_AT = "UPDATE imports SET applied_at = ? WHERE import_id = ?"
 # A warning about a succeeded import (an outbox file it could not write): the import stays succeeded and the
 # text joins its error column, once however often the import is published again.
 ADD_IMPORT_WARNING = """
-UPDATE imports SET error = coalesce(error || '; ', '') || CAST(? AS VARCHAR)
+UPDATE imports SET error = coalesce(error || '; ', '') || CAST(? AS VARCHAR), dirty = true
 WHERE import_id = ? AND status = 'succeeded' AND (error IS NULL OR strpos(error, CAST(? AS VARCHAR)) = 0)
 RETURNING import_id
 """
 
 # Catalogs made before deleted names could be reused hold UNIQUE (feed, name) (0.1.0). PostgreSQL keeps the rule
 # for live audiences as a partial index; DuckDB, which has none, relies on the one writer at a time of its file.
+# The dirty rows are found through partial indexes on PostgreSQL (an export must not scan the history); DuckDB
+# scans one boolean column.
 POSTGRES_MIGRATION = """
 ALTER TABLE audiences DROP CONSTRAINT IF EXISTS audiences_feed_name_key;
 CREATE UNIQUE INDEX IF NOT EXISTS audiences_live_name ON audiences (feed, name) WHERE status = 'active';
+CREATE INDEX IF NOT EXISTS imports_dirty ON imports (import_id) WHERE dirty;
+CREATE INDEX IF NOT EXISTS audiences_dirty ON audiences (audience_id) WHERE dirty;
+CREATE INDEX IF NOT EXISTS audience_versions_dirty ON audience_versions (audience_id, version) WHERE dirty;
+CREATE INDEX IF NOT EXISTS imports_in_delta ON imports (import_id) WHERE in_delta;
+CREATE INDEX IF NOT EXISTS audiences_in_delta ON audiences (audience_id) WHERE in_delta;
+CREATE INDEX IF NOT EXISTS audience_versions_in_delta ON audience_versions (audience_id, version) WHERE in_delta;
 """
 DUCKDB_NAME_CONSTRAINT = """
 SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'audiences' AND constraint_type = 'UNIQUE'

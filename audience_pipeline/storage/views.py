@@ -1,4 +1,4 @@
-"""The analysts' DuckDB file: views over the lake and the catalog snapshot, nothing else.
+"""The analysts' DuckDB file: views over the lake and the published catalog, nothing else.
 
 Runs never open this file: it holds no data, only view definitions with absolute paths, so it works
 from any working directory and an analyst may keep ``duckdb -readonly`` sessions open indefinitely.
@@ -14,12 +14,11 @@ import duckdb
 
 from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage.lake import Lake
+from audience_pipeline.storage.publishing import state_sql
 
 # Raised whenever a view's columns change: an analytics file of another version is rewritten (by rename, so
 # sessions holding the old one keep it) the next time the workspace is prepared.
-VIEWS_VERSION = 3
-# Snapshot columns that older snapshots lack, with their types.
-NEWER_SNAPSHOT_COLUMNS = "NULL::TIMESTAMPTZ AS list_time, NULL::BIGINT AS ineligible, NULL::VARCHAR AS resolved_by"
+VIEWS_VERSION = 4
 
 
 def _scan(sources: list[str], union_by_name: bool = False) -> str:
@@ -37,19 +36,19 @@ def _scan(sources: list[str], union_by_name: bool = False) -> str:
 
 
 def view_statements(lake: Lake) -> list[str]:
-    glob = quote_literal(lake.snapshots_glob)
-    # The newest snapshot folder is found from the file names alone (no file is opened), and the filter on
-    # the hive column prunes every other snapshot from the scan.
-    newest = f"(SELECT max(regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT) FROM glob({glob}))"
-    snapshot = f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true) WHERE seq = {newest})"
-    # Snapshots written before list_time (or ineligible and resolved_by) existed can outlive an upgrade by
-    # SNAPSHOT_GRACE_SECONDS, and a scan takes its columns from its first file: union_by_name for the views
-    # that read them. (Not for the others: it keeps the members views from pruning their scans to one
-    # version's folder.) The empty typed row gives those columns even when every snapshot is older (a
-    # workspace upgraded before its next import), so the views can be written then.
-    by_name = (f"(SELECT * EXCLUDE (seq) FROM read_parquet({glob}, hive_partitioning = true, union_by_name = true)"
-               f" WHERE seq = {newest}"
-               f" UNION ALL BY NAME SELECT {NEWER_SNAPSHOT_COLUMNS} WHERE false)")
+    base_glob, deltas_glob = quote_literal(lake.base_glob), quote_literal(lake.deltas_glob)
+    # The newest delta and the base it applies to are the whole state (storage.publishing). Both numbers come
+    # from one listing of the file names (no file is opened), taken once per query (MATERIALIZED): two listings
+    # could straddle a compaction and pair a delta with another base. The filters on the hive columns prune
+    # every other file from the scans.
+    pick = (f"SELECT max(seq) AS seq, arg_max(base, seq) AS base FROM ("
+            f"SELECT regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT AS seq, "
+            f"regexp_extract(file, 'base=([0-9]+)', 1)::BIGINT AS base FROM glob({deltas_glob}))")
+    state = state_sql(
+        f"(SELECT * FROM read_parquet({base_glob}, hive_partitioning = true) WHERE seq = (SELECT base FROM pick))",
+        f"(SELECT * EXCLUDE (base) FROM read_parquet({deltas_glob}, hive_partitioning = true) "
+        f"WHERE seq = (SELECT seq FROM pick))")
+    snapshot = f"(WITH pick AS MATERIALIZED ({pick}) SELECT * FROM {state})"
     members, rejected = _scan(lake.members_sources), _scan(lake.rejected_sources)
     events = _scan(lake.events_sources, union_by_name=True)  # observed_at came with views version 2
     # An audience is (feed, name): the optional third argument keeps two feeds' audiences of one name apart.
@@ -79,14 +78,14 @@ def view_statements(lake: Lake) -> list[str]:
         f"CREATE MACRO views_version() AS {VIEWS_VERSION}",
         f"CREATE VIEW audience_versions AS SELECT audience_id, audience_name, feed, version, import_id, sha256,"
         f" member_count, qualified, disqualified, valid_from, valid_to, list_time, audience_status AS status"
-        f" FROM {by_name}"
+        f" FROM {snapshot}"
         f" WHERE record = 'version'",
         f"""CREATE VIEW imports AS
             SELECT import_id, feed, source_uri, file_name, sha256, status, rows_total, rows_valid, rows_rejected,
                    duplicates, unmatched, qualified, disqualified, error, received_at, finished_at,
                    size_bytes, semantics, members, noops, warnings, audiences AS audience_names, users_sha256, run_id,
                    ineligible, resolved_by
-            FROM {by_name} WHERE record = 'import'""",
+            FROM {snapshot} WHERE record = 'import'""",
         f"""CREATE VIEW audiences AS
             SELECT audience_id,
                    any_value(audience_name) AS name,
