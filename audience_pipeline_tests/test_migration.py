@@ -149,7 +149,12 @@ def test_a_workspace_of_whole_catalog_snapshots_is_published_as_deltas(make_env,
     assert env.import_file("a.csv", "u1\n").status == "succeeded"
     assert env.members("a") == {"u1"}
     catalog.publisher.prune()
-    assert legacy.exists()  # a query may still read it
-    os.utime(legacy, (0, 0))
+    assert legacy.exists()  # a query that started before the first delta may still read it
+    (first, _), (second, _) = sorted(d for d in lake.deltas() if d[0] > 0)
+    os.utime(lake.delta_dir(first, 0), (0, 0))
     catalog.publisher.prune()
-    assert not legacy.exists()
+    assert not legacy.exists() and sorted(lake.deltas()) == [(0, 0), (first, 0), (second, 0)]
+    os.utime(lake.delta_dir(second, 0), (0, 0))  # the second delta has been the newest for the grace period
+    catalog.publisher.prune()
+    assert sorted(lake.deltas()) == [(0, 0), (second, 0)]
+    assert env.members("a") == {"u1"}

@@ -17,7 +17,9 @@ the catalog and the lake, shaped like one feed of --audiences audiences each upd
 
 Then it times, each a fresh process or connection:
 
-  publish   one export of the committed state as the analysts see it (what every commit and verdict pays)
+  publish   the first export of the synthesized history (written straight into the tables, every row is
+            marked changed: one delta of the whole catalog, compacted into a base, as on the upgrade of a
+            workspace from whole-catalog snapshots); each later commit exports only what it changed
   import    `audience-pipeline import` of a real small list (50 IDs, 5 in, 5 out) into an existing audience,
             end to end (CLI start-up included); twice, on two audiences
   queries   the analyst queries of the issue's targets, on a fresh read-only connection to the views file

@@ -63,14 +63,21 @@ ANY_DIRTY = ("SELECT EXISTS (SELECT 1 FROM imports WHERE dirty) OR EXISTS (SELEC
              "OR EXISTS (SELECT 1 FROM audience_versions WHERE dirty)")
 
 
-def state_sql(base: str, deltas: str) -> str:
-    """The published state: for each key (an import, or an audience version), the delta's record where it has
-    one, else the base's. An import still ``received`` is not published (a delta records one when a run takes
-    an abandoned import over)."""
-    return f"""(SELECT * EXCLUDE (seq, newest) FROM (
-        SELECT *, row_number() OVER (PARTITION BY record, import_id, audience_id, version ORDER BY seq DESC) AS newest
-        FROM (SELECT * FROM {base} UNION ALL BY NAME SELECT * FROM {deltas}))
-      WHERE newest = 1 AND (record = 'version' OR status <> 'received'))"""
+def state_sql(base: str, delta: str) -> str:
+    """The published state: the delta's records (one per key: an import, or an audience version), and the
+    base's records of the keys the delta does not hold. Each argument is scanned more than once: it must name
+    one file, or a materialized query. An import still ``received`` is not published (a delta records one when
+    a run takes an abandoned import over)."""
+    return f"""(SELECT * EXCLUDE (seq) FROM (
+        SELECT b.* FROM {base} b ANTI JOIN (SELECT import_id FROM {delta} WHERE record = 'import') d USING (import_id)
+        WHERE b.record = 'import'
+        UNION ALL BY NAME
+        SELECT b.* FROM {base} b
+        ANTI JOIN (SELECT audience_id, version FROM {delta} WHERE record = 'version') d USING (audience_id, version)
+        WHERE b.record = 'version'
+        UNION ALL BY NAME
+        SELECT * FROM {delta})
+      WHERE record = 'version' OR status <> 'received')"""
 
 
 def _scan(path: Path) -> str:
@@ -182,20 +189,22 @@ class Publisher:
         self.lake.move_into_place(staged, final)
 
     def prune(self) -> None:
-        """Drop every delta but the newest, bases that the newest delta does not apply to, and snapshots of the
-        layout before deltas, once no query can still be reading them."""
+        """Drop what no query can still be reading: a query reads the newest delta of its start and that
+        delta's base, so a delta goes once a newer one has been in place GRACE_SECONDS, a base once a delta
+        of a newer base has, and the snapshots of the layout before deltas once any delta has."""
         cutoff = time.time() - GRACE_SECONDS
-        deltas = self.lake.deltas()
-        if not deltas:
+        deltas = [(n, b) for n, b in self.lake.deltas() if n > 0]
+        settled = [(n, b) for n, b in deltas if self.lake.delta_dir(n, b).stat().st_mtime < cutoff]
+        if not settled:
             return
-        newest, base = max(deltas)
-        folders = [self.lake.delta_dir(n, b).parent for n, b in deltas if n not in (0, newest)]
-        folders += [self.lake.base_dir(n) for n in Lake.numbers(self.lake.base_dir(0).parent) if n not in (0, base)]
+        newest_settled, settled_base = max(settled)
+        folders = [self.lake.delta_dir(n, b).parent for n, b in deltas if n < newest_settled]
+        folders += [self.lake.base_dir(n) for n in Lake.numbers(self.lake.base_dir(0).parent)
+                    if 0 < n < settled_base]
         legacy = self.lake.root / "catalog" / "snapshots"
         folders += list(legacy.iterdir()) if legacy.is_dir() else []
         for folder in folders:
-            if folder.stat().st_mtime < cutoff:
-                self.lake.delete_tree(folder)
+            self.lake.delete_tree(folder)
 
     def ensure(self) -> None:
         """The empty base and delta numbered 0, which give the views their columns on a fresh lake."""

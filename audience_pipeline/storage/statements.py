@@ -334,8 +334,9 @@ RETURNING import_id
 
 # Catalogs made before deleted names could be reused hold UNIQUE (feed, name) (0.1.0). PostgreSQL keeps the rule
 # for live audiences as a partial index; DuckDB, which has none, relies on the one writer at a time of its file.
-# The dirty rows are found through partial indexes on PostgreSQL (an export must not scan the history); DuckDB
-# scans one boolean column.
+# On PostgreSQL, the marked rows and what an import looks up (unfinished imports, earlier files of a name,
+# versions due for pruning) are found through indexes, so that a commit does not scan the history; DuckDB scans
+# its columns.
 POSTGRES_MIGRATION = """
 ALTER TABLE audiences DROP CONSTRAINT IF EXISTS audiences_feed_name_key;
 CREATE UNIQUE INDEX IF NOT EXISTS audiences_live_name ON audiences (feed, name) WHERE status = 'active';
@@ -345,6 +346,14 @@ CREATE INDEX IF NOT EXISTS audience_versions_dirty ON audience_versions (audienc
 CREATE INDEX IF NOT EXISTS imports_in_delta ON imports (import_id) WHERE in_delta;
 CREATE INDEX IF NOT EXISTS audiences_in_delta ON audiences (audience_id) WHERE in_delta;
 CREATE INDEX IF NOT EXISTS audience_versions_in_delta ON audience_versions (audience_id, version) WHERE in_delta;
+CREATE INDEX IF NOT EXISTS imports_unfinished ON imports (feed, import_id)
+    WHERE status IN ('received', 'held', 'waiting', 'abandoned');
+CREATE INDEX IF NOT EXISTS imports_feed_file ON imports (feed, file_name);
+CREATE INDEX IF NOT EXISTS imports_feed_received ON imports (feed, received_at);
+CREATE INDEX IF NOT EXISTS imports_feed_finished ON imports (feed, finished_at);
+CREATE INDEX IF NOT EXISTS audience_versions_import ON audience_versions (import_id);
+CREATE INDEX IF NOT EXISTS audience_versions_unpruned ON audience_versions (valid_to)
+    WHERE valid_to IS NOT NULL AND NOT files_deleted;
 """
 DUCKDB_NAME_CONSTRAINT = """
 SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'audiences' AND constraint_type = 'UNIQUE'

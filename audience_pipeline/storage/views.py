@@ -40,15 +40,15 @@ def view_statements(lake: Lake) -> list[str]:
     # The newest delta and the base it applies to are the whole state (storage.publishing). Both numbers come
     # from one listing of the file names (no file is opened), taken once per query (MATERIALIZED): two listings
     # could straddle a compaction and pair a delta with another base. The filters on the hive columns prune
-    # every other file from the scans.
+    # every other file from the scans; the delta, small, is read once.
     pick = (f"SELECT max(seq) AS seq, arg_max(base, seq) AS base FROM ("
             f"SELECT regexp_extract(file, 'seq=([0-9]+)', 1)::BIGINT AS seq, "
             f"regexp_extract(file, 'base=([0-9]+)', 1)::BIGINT AS base FROM glob({deltas_glob}))")
-    state = state_sql(
-        f"(SELECT * FROM read_parquet({base_glob}, hive_partitioning = true) WHERE seq = (SELECT base FROM pick))",
-        f"(SELECT * EXCLUDE (base) FROM read_parquet({deltas_glob}, hive_partitioning = true) "
-        f"WHERE seq = (SELECT seq FROM pick))")
-    snapshot = f"(WITH pick AS MATERIALIZED ({pick}) SELECT * FROM {state})"
+    delta = (f"SELECT * EXCLUDE (base) FROM read_parquet({deltas_glob}, hive_partitioning = true) "
+             f"WHERE seq = (SELECT seq FROM pick)")
+    base = f"(SELECT * FROM read_parquet({base_glob}, hive_partitioning = true) WHERE seq = (SELECT base FROM pick))"
+    snapshot = (f"(WITH pick AS MATERIALIZED ({pick}), delta AS MATERIALIZED ({delta}) "
+                f"SELECT * FROM {state_sql(base, 'delta')})")
     members, rejected = _scan(lake.members_sources), _scan(lake.rejected_sources)
     events = _scan(lake.events_sources, union_by_name=True)  # observed_at came with views version 2
     # An audience is (feed, name): the optional third argument keeps two feeds' audiences of one name apart.
