@@ -670,7 +670,8 @@ class ImportService:
             identifiers = identifiers_of(con, self.lake, user_id)
         finally:
             con.close()
-        rewritten = scrub_lake(self.lake, user_id, identifiers)
+        with self.catalog.publishing_paused():  # a chunk made meanwhile could copy a file before its scrub
+            rewritten = scrub_lake(self.lake, user_id, identifiers)
         self.catalog.record_erasure(digest, [r.import_id for r in records], rewritten)
         return records, rewritten
 

@@ -32,6 +32,7 @@ from audience_pipeline.config import OutboxConfig
 from audience_pipeline.keys import sanitize_file_name
 from audience_pipeline.sources.s3 import parse_s3_uri
 from audience_pipeline.sql import quote_identifier, quote_literal
+from audience_pipeline.storage import chunks
 from audience_pipeline.storage.lake import Lake
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 CHANGES = """
 SELECT 'passthrough' AS "type", e.action, e.user_id AS {ident}, $audience AS audience_id,
        epoch(e.event_at)::BIGINT AS ts
-FROM read_parquet($events) e WHERE e.audience_id = $audience_id ORDER BY e.action, e.user_id
+FROM read_parquet($events, hive_partitioning = true) e
+WHERE e.audience_id = $audience_id AND e.import_id = $import_id ORDER BY e.action, e.user_id
 """
 
 FULL_LIST = """
@@ -155,9 +157,11 @@ def write_outboxes(outboxes: list[OutboxConfig], resolve, lake: Lake, catalog: C
                 for audience, audience_id in sorted(audiences.items()):
                     target = outbox_files(outbox, writer.root, record.import_id, audience)
                     if not writer.exists(target):
+                        # the import's own events file, or the chunk it was merged into (storage.chunks)
+                        events = chunks.file_of(lake, "events", record.import_id) or lake.events(record.import_id)
                         published.written.append(writer.write(target, CHANGES, {
-                            "audience": audience, "audience_id": audience_id,
-                            "events": str(lake.events(record.import_id))}))
+                            "audience": audience, "audience_id": audience_id, "import_id": record.import_id,
+                            "events": str(events)}))
             else:
                 _write_full_lists(writer, lake, catalog, record, audiences, published)
     finally:

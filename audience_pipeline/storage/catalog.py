@@ -638,6 +638,12 @@ class Catalog:
         """Publish what the catalog committed since the last export (storage.publishing)."""
         self.publisher.export(con)
 
+    @contextmanager
+    def publishing_paused(self) -> Iterator[None]:
+        """Hold the export order, so that no export (nor its compactions) runs meanwhile."""
+        with self.session() as con, self.backend.export_order(con):
+            yield
+
     def publish(self) -> None:
         with self.session() as con:
             self.export_snapshot(con)

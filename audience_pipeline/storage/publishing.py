@@ -21,12 +21,14 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
 
 from audience_pipeline import faults
 from audience_pipeline.sql import quote_identifier, quote_literal
+from audience_pipeline.storage import chunks
 from audience_pipeline.storage import statements as sql
 from audience_pipeline.storage.backends import Session
 from audience_pipeline.storage.lake import Lake
@@ -59,6 +61,15 @@ SINCE_BASE = {
     "audience_versions": "(SELECT * FROM audience_versions WHERE dirty OR in_delta OR audience_id IN "
                          "(SELECT audience_id FROM audiences WHERE dirty OR in_delta))",
 }
+# Imports below this id are all settled: none is pending, so none will write its lake files again. An import
+# received within chunks.SETTLE_SECONDS is taken as unsettled too: on PostgreSQL, another node's import may hold an
+# id below the highest committed one before its own insert commits.
+SETTLED_BELOW = """
+SELECT least(coalesce((SELECT min(import_id) FROM imports WHERE status IN ('received', 'held', 'waiting', 'abandoned')),
+                      9223372036854775807),
+             coalesce((SELECT min(import_id) FROM imports WHERE received_at > ?), 9223372036854775807),
+             (SELECT coalesce(max(import_id), 0) + 1 FROM imports))
+"""
 ANY_DIRTY = ("SELECT EXISTS (SELECT 1 FROM imports WHERE dirty) OR EXISTS (SELECT 1 FROM audiences WHERE dirty) "
              "OR EXISTS (SELECT 1 FROM audience_versions WHERE dirty)")
 
@@ -133,6 +144,12 @@ class Publisher:
                     con.execute(f"UPDATE {quote_identifier(table)} SET in_delta = false WHERE in_delta")
                 con.execute("UPDATE publication SET base_seq = ?", [seq])
                 compacted = True
+            (upto,) = con.execute("SELECT chunks_upto FROM publication").fetchone()
+            settled_below = con.execute(SETTLED_BELOW, [_ago(con, chunks.SETTLE_SECONDS)]).fetchone()[0]
+            if span := chunks.next_range(upto, settled_below):
+                chunks.compact(self.lake, *span)
+                con.execute("UPDATE publication SET chunks_upto = ?", [span[1]])
+                compacted = True
         except BaseException:
             con.execute("ROLLBACK")
             raise
@@ -191,23 +208,25 @@ class Publisher:
     def prune(self) -> None:
         """Drop what no query can still be reading: a query reads the newest delta of its start and that
         delta's base, so a delta goes once a newer one has been in place GRACE_SECONDS, a base once a delta
-        of a newer base has, and the snapshots of the layout before deltas once any delta has."""
+        of a newer base has, and the snapshots of the layout before deltas once any delta has; per-import
+        files go once their chunk has (storage.chunks)."""
         cutoff = time.time() - GRACE_SECONDS
         deltas = [(n, b) for n, b in self.lake.deltas() if n > 0]
         settled = [(n, b) for n, b in deltas if self.lake.delta_dir(n, b).stat().st_mtime < cutoff]
-        if not settled:
-            return
-        newest_settled, settled_base = max(settled)
+        newest_settled, settled_base = max(settled, default=(0, 0))
         folders = [self.lake.delta_dir(n, b).parent for n, b in deltas if n < newest_settled]
         folders += [self.lake.base_dir(n) for n in Lake.numbers(self.lake.base_dir(0).parent)
                     if 0 < n < settled_base]
         legacy = self.lake.root / "catalog" / "snapshots"
-        folders += list(legacy.iterdir()) if legacy.is_dir() else []
+        folders += list(legacy.iterdir()) if legacy.is_dir() and settled else []
         for folder in folders:
             self.lake.delete_tree(folder)
+        chunks.prune(self.lake, GRACE_SECONDS)
 
     def ensure(self) -> None:
-        """The empty base and delta numbered 0, which give the views their columns on a fresh lake."""
+        """The empty base and delta numbered 0, and the empty chunks, which give the views their columns on a
+        fresh lake."""
+        chunks.ensure(self.lake)
         for path in (self.lake.base_file(0), self.lake.delta_file(0, 0)):
             if self.lake.fetch(path):
                 continue
@@ -244,3 +263,7 @@ def _duckdb_select(columns: list[tuple[str, str]]) -> str:
 def _csv_columns(columns: list[tuple[str, str]]) -> str:
     pairs = ", ".join(f"{quote_literal(n)}: {quote_literal('VARCHAR' if t.endswith('[]') else t)}" for n, t in columns)
     return "{" + pairs + "}"
+
+
+def _ago(con: Session, seconds: float):
+    return con.execute("SELECT now()::TIMESTAMPTZ").fetchone()[0] - timedelta(seconds=seconds)

@@ -95,7 +95,8 @@ ALTER TABLE imports ADD COLUMN IF NOT EXISTS in_delta BOOLEAN DEFAULT false;
 ALTER TABLE audiences ADD COLUMN IF NOT EXISTS in_delta BOOLEAN DEFAULT false;
 ALTER TABLE audience_versions ADD COLUMN IF NOT EXISTS in_delta BOOLEAN DEFAULT false;
 CREATE TABLE IF NOT EXISTS publication (base_seq BIGINT NOT NULL);
-INSERT INTO publication SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM publication);
+ALTER TABLE publication ADD COLUMN IF NOT EXISTS chunks_upto BIGINT DEFAULT 0;
+INSERT INTO publication SELECT 0, 0 WHERE NOT EXISTS (SELECT 1 FROM publication);
 """
 # The ALTERs are the migration of catalogs made before liveness (0.1.0), before the eligibility counts
 # (ineligible; resolved_by, the rows each identifier type resolved, as JSON text) and before incremental
@@ -351,6 +352,7 @@ CREATE INDEX IF NOT EXISTS imports_unfinished ON imports (feed, import_id)
 CREATE INDEX IF NOT EXISTS imports_feed_file ON imports (feed, file_name);
 CREATE INDEX IF NOT EXISTS imports_feed_received ON imports (feed, received_at);
 CREATE INDEX IF NOT EXISTS imports_feed_finished ON imports (feed, finished_at);
+CREATE INDEX IF NOT EXISTS imports_received ON imports (received_at);
 CREATE INDEX IF NOT EXISTS audience_versions_import ON audience_versions (import_id);
 CREATE INDEX IF NOT EXISTS audience_versions_unpruned ON audience_versions (valid_to)
     WHERE valid_to IS NOT NULL AND NOT files_deleted;

@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 from audience_pipeline.sql import quote_literal
+from audience_pipeline.storage import chunks
 from audience_pipeline.storage.lake import Lake
 from audience_pipeline.storage.publishing import state_sql
 
@@ -49,8 +50,10 @@ def view_statements(lake: Lake) -> list[str]:
     base = f"(SELECT * FROM read_parquet({base_glob}, hive_partitioning = true) WHERE seq = (SELECT base FROM pick))"
     snapshot = (f"(WITH pick AS MATERIALIZED ({pick}), delta AS MATERIALIZED ({delta}) "
                 f"SELECT * FROM {state_sql(base, 'delta')})")
-    members, rejected = _scan(lake.members_sources), _scan(lake.rejected_sources)
-    events = _scan(lake.events_sources, union_by_name=True)  # observed_at came with views version 2
+    members = _scan(lake.members_sources)
+    rejected = chunks.view_source(lake, "rejected", _scan(lake.rejected_sources), union_by_name=False)
+    # observed_at came with views version 2
+    events = chunks.view_source(lake, "events", _scan(lake.events_sources, union_by_name=True), union_by_name=True)
     # An audience is (feed, name): the optional third argument keeps two feeds' audiences of one name apart.
     # A name answers for the feed's newest audience of that name: the live one, where a deleted name was reused
     # (the deleted audience stays queryable by audience_id in audience_versions).
