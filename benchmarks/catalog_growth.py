@@ -11,9 +11,8 @@ the catalog and the lake, shaped like one feed of --audiences audiences each upd
   catalog   one succeeded import per (audience, ten minutes), each the audience's new version; older versions
             are closed, their member files pruned (as retention does)
   lake      the current member list of every audience (50 IDs), 10 membership events per import (5 in,
-            5 out), a rejected-rows file for every tenth import (2 rows) -- one folder per import, as imports
-            write them. A real import writes a rejected-rows file (maybe empty) for every validated file, so
-            the rejected_rows figure here is a lower bound
+            5 out), 2 rejected rows for every tenth import -- merged into chunks of 1,000 imports as the
+            exports merge them, the newest imports (at least 1,000) in a folder each, as imports write them
 
 Then it times, each a fresh process or connection:
 
@@ -42,9 +41,11 @@ import time
 from pathlib import Path
 
 import duckdb
+import pyarrow.compute as pc
 
 from audience_pipeline.config import load_workspace
 from audience_pipeline.sql import quote_literal
+from audience_pipeline.storage import chunks
 from audience_pipeline.storage.catalog import Catalog
 from audience_pipeline.storage.lake import Lake
 
@@ -176,10 +177,11 @@ def synthesize_catalog(catalog: Catalog, n: int, audiences: int, end_epoch: floa
 
 
 def synthesize_lake(lake_root: Path, n: int, audiences: int, first_import: int, first_audience: int,
-                    end_epoch: float, history_files: bool = True) -> None:
+                    end_epoch: float, history_files: bool = True) -> int:
     """The current member list of every audience, each import's events and every tenth import's rejected rows,
-    one folder per import as imports write them. (DuckDB's partitioned COPY manages ~10 folders a second
-    with 100,000 partitions, so the rows are made in DuckDB and sliced into files here.)"""
+    in chunks and per-import files as the exports leave them; returns the highest import id merged into a
+    chunk. (DuckDB's partitioned COPY manages ~10 folders a second with 100,000 partitions, so the rows are
+    made in DuckDB and sliced into files here.)"""
     step = PERIOD_SECONDS / audiences
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
@@ -193,17 +195,37 @@ def synthesize_lake(lake_root: Path, n: int, audiences: int, first_import: int, 
     write_groups(members.to_arrow_table(), MEMBERS, ["audience_id", "version"],
                  lambda a, v: Lake(lake_root).members_file(a, v))
     if not history_files:
-        return
+        return 0
     events = con.sql(f"""SELECT import_id, audience_id, 'u' || idx || '_' || j AS user_id,
                                 CASE WHEN j < {EVENTS_PER_IMPORT // 2} THEN 'disqualify' ELSE 'qualify' END AS action,
                                 at_ts AS event_at, j + 1 AS source_line, at_ts AS observed_at
                          FROM {imports}, generate_series(0, {EVENTS_PER_IMPORT} - 1) e(j) ORDER BY import_id, j""")
-    write_groups(events.to_arrow_table(), EVENTS_PER_IMPORT, ["import_id"], Lake(lake_root).events)
     rejected = con.sql(f"""SELECT import_id, j + 1 AS line_number, 'blank line' AS reason, '' AS raw
                            FROM {imports}, generate_series(0, 1) r(j)
                            WHERE (import_id - {first_import}) % 10 = 0 ORDER BY import_id, j""")
-    write_groups(rejected.to_arrow_table(), 2, ["import_id"], Lake(lake_root).rejected)
+    # As the exports leave them: settled ranges merged into chunks (storage.chunks), the newest imports (at
+    # least a chunk's worth) in files of their own.
+    lake = Lake(lake_root)
+    upto = max(0, ((first_import + n - 1) // chunks.CHUNK - 1) * chunks.CHUNK)
+    for kind, rows, size in (("events", events, EVENTS_PER_IMPORT), ("rejected", rejected, 2)):
+        table = rows.to_arrow_table()
+        con.register("rows_table", table)
+        for lo in range(1, upto + 1, chunks.CHUNK):
+            hi = lo + chunks.CHUNK - 1
+            dest = chunks.chunk_file(lake, kind, lo, hi)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            earlier = chunks.per_import_file(lake, kind, 1)  # the warm-up import's own file, if any
+            extra = (f" UNION ALL BY NAME SELECT * FROM read_parquet({quote_literal(earlier)}, "
+                     f"hive_partitioning = true)" if lo == 1 and earlier.exists() else "")
+            con.execute(f"COPY (SELECT * FROM rows_table WHERE import_id BETWEEN {lo} AND {hi}{extra} "
+                        f"ORDER BY import_id) TO {quote_literal(dest)} (FORMAT parquet)")
+        con.unregister("rows_table")
+        if upto:
+            shutil.rmtree(chunks.per_import_file(lake, kind, 1).parent, ignore_errors=True)
+        newest = table.filter(pc.greater(table.column("import_id"), upto))
+        write_groups(newest, size, ["import_id"], lambda i, kind=kind: chunks.per_import_file(lake, kind, i))
     con.close()
+    return upto
 
 
 def write_groups(table, size: int, keys: list[str], path_of) -> None:
@@ -251,7 +273,9 @@ def run_case(out: Path, backend: str, n: int, audiences: int, postgres: Postgres
     end_epoch = time.time() - 60
     start = time.monotonic()
     first_import, first_audience = synthesize_catalog(catalog, n, audiences, end_epoch)
-    synthesize_lake(workspace.lake, n, audiences, first_import, first_audience, end_epoch, not catalog_only)
+    upto = synthesize_lake(workspace.lake, n, audiences, first_import, first_audience, end_epoch, not catalog_only)
+    with catalog.session() as con:
+        con.execute("UPDATE publication SET chunks_upto = ?", [upto])
     figures = {"synthesis": time.monotonic() - start}
     start = time.monotonic()
     catalog.publish()
