@@ -43,10 +43,12 @@ dev: env
 serve: env
 	DAGSTER_HOME=$(CURDIR) $(VENV)/bin/audience-pipeline serve
 
-# Every figure of the performance section: imports (16M IDs), analyst queries, the S3 sensor's tick.
-bench: env
+# Every figure of the performance section: imports (16M IDs), analyst queries, the S3 sensor's tick, and how
+# a commit and the analyst queries grow with the history (1k, 100k and 1M imports, both catalogs).
+bench: env system-deps
 	$(VENV)/bin/python benchmarks/import_16m.py
 	$(VENV)/bin/python benchmarks/s3_tick.py --objects 20000
+	$(VENV)/bin/python benchmarks/catalog_growth.py
 
 lint: env
 	$(VENV)/bin/ruff check .

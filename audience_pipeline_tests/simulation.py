@@ -234,7 +234,10 @@ def main() -> None:
     t = time.monotonic()
     results = run_concurrently(config, deliveries, args.processes)
     wall = time.monotonic() - t
-    arrival = sorted(results, key=lambda seq: results[seq][0])
+    for seq, (_, status, error) in sorted(results.items()):
+        if status == "error":
+            print(f"  delivery {seq} raised:\n{error}")
+    arrival = sorted(results, key=lambda seq: results[seq][0] or 0)
     expected = serial_expectation(deliveries, arrival)
     observed = observe(load_workspace(config).analytics)
     statuses = defaultdict(int)
@@ -247,6 +250,7 @@ def main() -> None:
           f"{len(observed.problems)} event problems")
     for problem in observed.problems[:10]:
         print(" ", problem)
+
     raise SystemExit(1 if mismatched or observed.problems else 0)
 
 

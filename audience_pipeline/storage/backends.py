@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import duckdb
 
+from audience_pipeline.sql import quote_identifier
 from audience_pipeline.storage import statements as sql
 from audience_pipeline.storage.liveness import AdvisoryLiveness, FileLiveness
 
@@ -89,6 +90,15 @@ class DuckDBBackend:
         """Holding the file already orders exports."""
         yield
 
+    def row_versions(self, con: Session) -> None:
+        """Nothing to remember: no other process changes the catalog while this one holds the file."""
+        return None
+
+    def clear_marks(self, con: Session, read: None, in_delta: bool) -> None:
+        for table in sql.PUBLISHED_TABLES:
+            con.execute(f"UPDATE {quote_identifier(table)} SET dirty = false, in_delta = ? WHERE dirty OR in_delta",
+                        [in_delta])
+
 
 class _PostgresSession:
     """psycopg with the statements' ``?`` placeholders (a literal ``%`` is doubled for psycopg)."""
@@ -150,9 +160,24 @@ class PostgresBackend:
 
     # The export reads the catalog in one REPEATABLE READ transaction: under READ COMMITTED each read saw the
     # catalog of its own instant, and an import committed between two of them was half in the export (its
-    # versions without its import). Clearing a dirty mark that a commit after the transaction's start set
-    # again is refused there (a serialization failure), so that change is never lost.
+    # versions without its import).
     export_begin = "BEGIN ISOLATION LEVEL REPEATABLE READ"
+
+    def row_versions(self, con: Session) -> dict[str, list]:
+        """The marked rows the export read, each with the version it read (``xmin``, the transaction that
+        wrote that version of the row). Small: the rows changed since the newest base."""
+        return {table: con.execute(query).fetchall() for table, query in sql.MARKED_ROW_VERSIONS.items()}
+
+    def clear_marks(self, con: Session, read: dict[str, list], in_delta: bool) -> None:
+        """Clear the marks of the rows read, where the row is still the version that was read, one table per
+        statement: a row that a commit changed after the export's snapshot, or is changing now (locked, so
+        skipped rather than waited for), stays marked for the next export. (Clearing in the reading
+        transaction conflicted with those commits: under REPEATABLE READ, PostgreSQL refuses to change a row
+        changed after the snapshot; and waiting for their row locks deadlocked with them.)"""
+        for table, statement in sql.CLEAR_MARKS.items():
+            rows = read[table]
+            if rows:
+                con.execute(statement, [in_delta, *(list(column) for column in zip(*rows, strict=True))])
 
     @contextmanager
     def export_order(self, con: Session) -> Iterator[None]:

@@ -35,10 +35,7 @@ from audience_pipeline.storage.lake import Lake
 
 GRACE_SECONDS = 600
 COMPACT_ROWS = 2000
-PUBLISHED_TABLES = ("imports", "audiences", "audience_versions")
-# Attempts of one export on PostgreSQL, where changing the marks of a row that a later commit changed is refused
-# (a serialization failure under REPEATABLE READ), and the export starts over on a newer state.
-EXPORT_ATTEMPTS = 20
+PUBLISHED_TABLES = sql.PUBLISHED_TABLES
 
 # One record per import (record = 'import') and per audience version (record = 'version'), from tables
 # named by the placeholders: the dirty rows for a delta, every row for a full export.
@@ -108,13 +105,7 @@ class Publisher:
         Numbering, reading and renaming happen while the backend's export order is held, so a higher number
         always holds a later state: a delta's records replace those of every lower number."""
         with self.backend.export_order(con):
-            for attempt in range(EXPORT_ATTEMPTS):
-                try:
-                    return self._export_once(con)
-                except self.backend.conflict_errors:
-                    if attempt == EXPORT_ATTEMPTS - 1:
-                        raise
-        return None
+            return self._export_once(con)
 
     def _export_once(self, con: Session) -> int | None:
         if not con.execute(ANY_DIRTY).fetchone()[0]:
@@ -122,15 +113,16 @@ class Publisher:
         # a number is taken outside the transaction: DuckDB's sequences roll back, and one must never be
         # handed out twice (a delta of a rolled-back export may already be in place)
         (seq,) = con.execute("SELECT nextval('snapshot_seq')").fetchone()
+        # The records are read in one transaction that only reads (REPEATABLE READ on PostgreSQL: one state),
+        # so it never conflicts with the commits going on; the marks are cleared afterwards, each only where
+        # the row is still the version that was read.
         con.execute(self.backend.export_begin)
-        compacted = False
         try:
-            (base_seq,) = con.execute("SELECT base_seq FROM publication").fetchone()
+            base_seq, upto = con.execute("SELECT base_seq, chunks_upto FROM publication").fetchone()
             staged = self.lake.staging(f"delta_{seq}_{uuid.uuid4().hex}")
             staged.mkdir(parents=True)
             rows = self._write_records(con, SINCE_BASE, staged / "delta.parquet")
-            for table in PUBLISHED_TABLES:
-                con.execute(f"UPDATE {quote_identifier(table)} SET dirty = false, in_delta = true WHERE dirty")
+            read = self.backend.row_versions(con)
             final = self.lake.delta_dir(seq, base_seq)
             if self.lake.remote is not None:
                 # on an S3 lake, the new delta object appearing is the commit point
@@ -138,23 +130,23 @@ class Publisher:
             faults.point("export.written")
             self.lake.move_into_place(staged, final)
             faults.point("export.renamed")
-            if rows >= COMPACT_ROWS:
+            compacted = rows >= COMPACT_ROWS
+            if compacted:
                 self._compact(base_seq, seq)
-                for table in PUBLISHED_TABLES:
-                    con.execute(f"UPDATE {quote_identifier(table)} SET in_delta = false WHERE in_delta")
-                con.execute("UPDATE publication SET base_seq = ?", [seq])
-                compacted = True
-            (upto,) = con.execute("SELECT chunks_upto FROM publication").fetchone()
             settled_below = con.execute(SETTLED_BELOW, [_ago(con, chunks.SETTLE_SECONDS)]).fetchone()[0]
             if span := chunks.next_range(upto, settled_below):
                 chunks.compact(self.lake, *span)
-                con.execute("UPDATE publication SET chunks_upto = ?", [span[1]])
-                compacted = True
         except BaseException:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
-        if compacted:
+        # Each statement on its own, in this order: a later delta applies to the new base before any mark
+        # says a row is in it (a stop in between leaves rows marked: published again, never lost).
+        if compacted or span:
+            con.execute("UPDATE publication SET base_seq = ?, chunks_upto = ?",
+                        [seq if compacted else base_seq, span[1] if span else upto])
+        self.backend.clear_marks(con, read, in_delta=not compacted)
+        if compacted or span:
             self.prune()
         return seq
 
