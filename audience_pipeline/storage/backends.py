@@ -148,11 +148,18 @@ class PostgresBackend:
             con.execute("SET TIME ZONE 'UTC'")
             session = _PostgresSession(con)
             if not self._schema_ready:
-                # nodes starting together must not race each other's CREATE IF NOT EXISTS
-                with con.transaction():
-                    con.execute("SELECT pg_advisory_xact_lock(7317001)")
-                    con.execute(schema)
-                    con.execute(sql.POSTGRES_MIGRATION)
+                version = _version_of(schema + sql.POSTGRES_MIGRATION)
+                # Only a catalog of another schema version runs the statements: ALTER TABLE takes an exclusive
+                # lock even when the column exists, and run processes starting while imports commit
+                # deadlocked on it. Nodes starting together must not race each other's CREATE IF NOT EXISTS.
+                if _pg_schema_version(con) != version:
+                    with con.transaction():
+                        con.execute("SELECT pg_advisory_xact_lock(7317001)")
+                        con.execute(schema)
+                        con.execute(sql.POSTGRES_MIGRATION)
+                        con.execute("CREATE TABLE IF NOT EXISTS catalog_schema (version VARCHAR)")
+                        con.execute("DELETE FROM catalog_schema")
+                        con.execute("INSERT INTO catalog_schema VALUES (%s)", [version])
                 self._schema_ready = True
             yield session
         finally:
@@ -211,6 +218,14 @@ def _schema_version(con) -> str | None:
         row = con.execute("SELECT version FROM catalog_schema").fetchone()
     except duckdb.CatalogException:
         return None
+    return row[0] if row else None
+
+
+def _pg_schema_version(con) -> str | None:
+    """The schema a PostgreSQL catalog was last brought to (read without taking any lock a commit waits on)."""
+    if con.execute("SELECT to_regclass('catalog_schema')").fetchone()[0] is None:
+        return None
+    row = con.execute("SELECT version FROM catalog_schema").fetchone()
     return row[0] if row else None
 
 
