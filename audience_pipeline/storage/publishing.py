@@ -6,8 +6,9 @@ published records of every row changed since the newest base (``dirty`` or ``in_
 delta, whose path names the base it applies to, and moves it into place by one atomic rename: the commit
 point analysts see. Its rows become ``in_delta``. A delta holds everything since its base, so the newest
 delta and its base are the whole state: a query never depends on seeing an earlier delta. Once a delta
-reaches COMPACT_ROWS records, the export also merges it into a new base and clears ``in_delta``, in the same
-transaction; the next delta applies to that base.
+reaches COMPACT_ROWS records, the export also merges it into a new base, records that base as the one the
+next delta applies to, and then clears ``in_delta``. Marks are cleared after the rename, only on rows still
+as the export read them: a stop in between leaves rows marked, which the next delta publishes again.
 
     catalog/base/seq=<b>/base.parquet                 every published record as of number b
     catalog/deltas/seq=<n>/base=<b>/delta.parquet     the records changed since base b, as of number n
