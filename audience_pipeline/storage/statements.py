@@ -194,33 +194,23 @@ MARK_VERSION_DELETED = "UPDATE audience_versions SET files_deleted = true WHERE 
 # Publishing (storage.publishing): the tables whose rows analysts see, and on PostgreSQL the marked rows with
 # the version of each that an export read, and the clearing of the marks of rows still at that version.
 PUBLISHED_TABLES = ("imports", "audiences", "audience_versions")
-MARKED_ROW_VERSIONS = {
-    "imports": "SELECT import_id, xmin::text FROM imports WHERE dirty OR in_delta",
-    "audiences": "SELECT audience_id, xmin::text FROM audiences WHERE dirty OR in_delta",
-    "audience_versions": "SELECT audience_id, version, xmin::text FROM audience_versions WHERE dirty OR in_delta",
-}
+MARKED_KEYS = {"imports": ("import_id",), "audiences": ("audience_id",),
+               "audience_versions": ("audience_id", "version")}
+_CLEAR_MARKS = """
+UPDATE {table} AS t SET dirty = false, in_delta = ?
+FROM (SELECT {r_keys} FROM {table} r
+      JOIN unnest({arrays}, CAST(? AS TEXT[])) AS k({keys}, row_version)
+        ON {r_match} AND r.xmin::text = k.row_version
+      FOR UPDATE OF r SKIP LOCKED) AS s
+WHERE {t_match}"""
+MARKED_ROW_VERSIONS = {table: f"SELECT {', '.join(keys)}, xmin::text FROM {table} WHERE dirty OR in_delta"
+                       for table, keys in MARKED_KEYS.items()}
 CLEAR_MARKS = {
-    "imports": """
-UPDATE imports AS t SET dirty = false, in_delta = ?
-FROM (SELECT r.import_id FROM imports r
-      JOIN unnest(CAST(? AS BIGINT[]), CAST(? AS TEXT[])) AS k(import_id, row_version)
-        ON r.import_id = k.import_id AND r.xmin::text = k.row_version
-      FOR UPDATE OF r SKIP LOCKED) AS s
-WHERE t.import_id = s.import_id""",
-    "audiences": """
-UPDATE audiences AS t SET dirty = false, in_delta = ?
-FROM (SELECT r.audience_id FROM audiences r
-      JOIN unnest(CAST(? AS BIGINT[]), CAST(? AS TEXT[])) AS k(audience_id, row_version)
-        ON r.audience_id = k.audience_id AND r.xmin::text = k.row_version
-      FOR UPDATE OF r SKIP LOCKED) AS s
-WHERE t.audience_id = s.audience_id""",
-    "audience_versions": """
-UPDATE audience_versions AS t SET dirty = false, in_delta = ?
-FROM (SELECT r.audience_id, r.version FROM audience_versions r
-      JOIN unnest(CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS TEXT[])) AS k(audience_id, version, row_version)
-        ON r.audience_id = k.audience_id AND r.version = k.version AND r.xmin::text = k.row_version
-      FOR UPDATE OF r SKIP LOCKED) AS s
-WHERE t.audience_id = s.audience_id AND t.version = s.version""",
+    table: _CLEAR_MARKS.format(table=table, keys=", ".join(keys), r_keys=", ".join(f"r.{k}" for k in keys),
+                               arrays=", ".join("CAST(? AS BIGINT[])" for _ in keys),
+                               r_match=" AND ".join(f"r.{k} = k.{k}" for k in keys),
+                               t_match=" AND ".join(f"t.{k} = s.{k}" for k in keys))
+    for table, keys in MARKED_KEYS.items()
 }
 
 # Retention: what may go. Never the raw file or partition of a current version, nor an unfinished import.
