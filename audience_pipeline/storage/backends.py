@@ -95,8 +95,10 @@ class DuckDBBackend:
         return None
 
     def clear_marks(self, con: Session, read: None, in_delta: bool) -> None:
+        """After a compaction every marked row is in the base; else the dirty ones are now in the delta."""
+        marked = "dirty" if in_delta else "dirty OR in_delta"
         for table in sql.PUBLISHED_TABLES:
-            con.execute(f"UPDATE {quote_identifier(table)} SET dirty = false, in_delta = ? WHERE dirty OR in_delta",
+            con.execute(f"UPDATE {quote_identifier(table)} SET dirty = false, in_delta = ? WHERE {marked}",
                         [in_delta])
 
 
@@ -182,7 +184,8 @@ class PostgresBackend:
         transaction conflicted with those commits: under REPEATABLE READ, PostgreSQL refuses to change a row
         changed after the snapshot; and waiting for their row locks deadlocked with them.)"""
         for table, statement in sql.CLEAR_MARKS.items():
-            rows = read[table]
+            # after a compaction every row read is in the base; else only the dirty ones change (into the delta)
+            rows = [row[1:] for row in read[table] if row[0] or not in_delta]
             if rows:
                 con.execute(statement, [in_delta, *(list(column) for column in zip(*rows, strict=True))])
 

@@ -203,7 +203,7 @@ FROM (SELECT {r_keys} FROM {table} r
         ON {r_match} AND r.xmin::text = k.row_version
       FOR UPDATE OF r SKIP LOCKED) AS s
 WHERE {t_match}"""
-MARKED_ROW_VERSIONS = {table: f"SELECT {', '.join(keys)}, xmin::text FROM {table} WHERE dirty OR in_delta"
+MARKED_ROW_VERSIONS = {table: f"SELECT dirty, {', '.join(keys)}, xmin::text FROM {table} WHERE dirty OR in_delta"
                        for table, keys in MARKED_KEYS.items()}
 CLEAR_MARKS = {
     table: _CLEAR_MARKS.format(table=table, keys=", ".join(keys), r_keys=", ".join(f"r.{k}" for k in keys),
