@@ -115,8 +115,8 @@ def _merge(files: list[Path], dest: Path, lo: int, hi: int) -> None:
     con = duckdb.connect(":memory:")
     try:
         con.execute(f"COPY (SELECT * FROM read_parquet([{listed}], hive_partitioning = true, union_by_name = true) "
-                    f"WHERE import_id BETWEEN {int(lo)} AND {int(hi)} ORDER BY import_id) "
-                    f"TO {quote_literal(tmp)} (FORMAT parquet)")
+                    f"WHERE import_id BETWEEN ? AND ? ORDER BY import_id) "
+                    f"TO {quote_literal(tmp)} (FORMAT parquet)", [lo, hi])
     finally:
         con.close()
     os.replace(tmp, dest)
