@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from audience_pipeline.storage.lake import Lake
@@ -111,3 +112,21 @@ def test_processes_starting_together_on_a_fresh_lake_all_start(tmp_path):
         lake = Lake(root)
         assert all(path.exists() for path in (lake.members_file(0, 0), lake.events(0), lake.rejected(0)))
         assert not [p.name for p in root.rglob("*.tmp")]
+
+
+def test_ensure_rewrites_only_a_placeholder_of_another_schema(tmp_path):
+    # every import calls ensure: a placeholder already in its schema must not be written (nor uploaded) again
+    lake = Lake(tmp_path / "lake")
+    lake.ensure()
+    placeholders = (lake.members_file(0, 0), lake.events(0), lake.rejected(0))
+    inodes = [path.stat().st_ino for path in placeholders]
+    lake.ensure()
+    assert [path.stat().st_ino for path in placeholders] == inodes
+    # an older schema's placeholder (fewer columns) is rewritten: it gives the views their columns
+    duckdb.execute(f"COPY (SELECT 1 AS import_id) TO '{lake.events(0)}' (FORMAT parquet)")
+    older = lake.events(0).stat().st_ino
+    lake.ensure()
+    assert lake.events(0).stat().st_ino != older
+    assert [path.stat().st_ino for path in placeholders[::2]] == inodes[::2]
+    assert len(duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{lake.events(0)}', hive_partitioning = false)"
+                          ).fetchall()) > 1

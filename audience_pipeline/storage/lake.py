@@ -200,9 +200,11 @@ class Lake:
 
 
 def _columns(con: duckdb.DuckDBPyConnection, path: Path) -> list[str] | None:
-    """A placeholder's columns, or None when it cannot be read (it is empty: writing it again loses nothing)."""
+    """A placeholder's columns, or None when it cannot be read (it is empty: writing it again loses nothing).
+    Read without the hive column its folder name adds (``import_id=0``), which the schema does not list."""
     try:
-        return [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+        return [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?, hive_partitioning = false)",
+                                              [str(path)]).fetchall()]
     except duckdb.Error:
         return None
 
