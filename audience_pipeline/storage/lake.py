@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from audience_pipeline.sql import quote_literal
 from audience_pipeline.storage.remote import RemoteStore
@@ -174,20 +176,20 @@ class Lake:
             path.unlink(missing_ok=True)
 
     def ensure(self) -> None:
-        """Create the folders and the empty placeholder partitions (idempotent)."""
-        con = duckdb.connect(":memory:")
-        try:
-            for path, schema in (
-                (self.members_file(0, 0), MEMBERS_SCHEMA),
-                (self.events(0), EVENTS_SCHEMA),
-                (self.rejected(0), REJECTED_SCHEMA),
-            ):
-                # a placeholder of an older schema is rewritten: it gives the views their columns
-                if not path.exists() or _columns(con, path) != _schema_columns(schema):
+        """Create the folders and the empty placeholder partitions (idempotent). Every import calls it, so a
+        lake already in place costs three schema reads and no DuckDB instance."""
+        placeholders = ((self.members_file(0, 0), MEMBERS_SCHEMA), (self.events(0), EVENTS_SCHEMA),
+                        (self.rejected(0), REJECTED_SCHEMA))
+        # a placeholder of an older schema is rewritten too: it gives the views their columns
+        stale = [(path, schema) for path, schema in placeholders if _columns(path) != _schema_columns(schema)]
+        if stale:
+            con = duckdb.connect(":memory:")
+            try:
+                for path, schema in stale:
                     _write_empty(con, path, schema)
                     self.publish(path)
-        finally:
-            con.close()
+            finally:
+                con.close()
         (self.root / "catalog").mkdir(parents=True, exist_ok=True)
         (self.root / "raw").mkdir(parents=True, exist_ok=True)
 
@@ -199,13 +201,12 @@ class Lake:
         os.replace(staged, final)
 
 
-def _columns(con: duckdb.DuckDBPyConnection, path: Path) -> list[str] | None:
-    """A placeholder's columns, or None when it cannot be read (it is empty: writing it again loses nothing).
-    Read without the hive column its folder name adds (``import_id=0``), which the schema does not list."""
+def _columns(path: Path) -> list[str] | None:
+    """A placeholder's columns, or None when it is missing or cannot be read (it is empty: writing it again
+    loses nothing)."""
     try:
-        return [row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet(?, hive_partitioning = false)",
-                                              [str(path)]).fetchall()]
-    except duckdb.Error:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
         return None
 
 
