@@ -19,9 +19,13 @@ every file it planned to read.
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -156,28 +160,26 @@ class Publisher:
         if self.backend.kind == "duckdb":
             return con.execute(f"COPY ({RECORDS.format(**tables)}) TO {quote_literal(dest)} (FORMAT parquet)"
                                ).fetchone()[0]
-        # PostgreSQL: each table's rows stream as CSV (COPY ... TO STDOUT) into a DuckDB of the catalog's
-        # schema, which writes the very same records
-        mem = duckdb.connect(":memory:")
+        # PostgreSQL: each table's rows stream as CSV (COPY ... TO STDOUT) and DuckDB reads them back with the
+        # catalog schema's types, into the very same records
+        sources, files = {}, []
         try:
-            mem.execute("SET TimeZone = 'UTC'")
-            mem.execute(sql.SCHEMA)
             for table, source in tables.items():
+                columns = _published_columns()[table]
                 csv = dest.with_name(f"{table}.csv")
-                columns = [(n, t) for n, t, *_ in mem.execute(f"DESCRIBE {quote_identifier(table)}").fetchall()
-                           if n not in ("dirty", "in_delta")]
+                files.append(csv)
                 self.backend.copy_csv(con, _pg_select(columns, source), csv)
-                if csv.stat().st_size == 0:  # no rows (DuckDB's reader refuses an empty file)
-                    csv.unlink()
-                    continue
-                mem.execute(f"INSERT INTO {quote_identifier(table)} BY NAME SELECT {_duckdb_select(columns)} "
-                            f"FROM read_csv({quote_literal(csv)}, header = false, allow_quoted_nulls = false, "
-                            f"columns = {_csv_columns(columns)})")
-                csv.unlink()
-            return mem.execute(f"COPY ({RECORDS.format(**{t: t for t in tables})}) TO {quote_literal(dest)} "
-                               f"(FORMAT parquet)").fetchone()[0]
+                # no rows: DuckDB's reader refuses an empty file
+                sources[table] = (f"(SELECT {_duckdb_select(columns)} FROM read_csv({quote_literal(csv)}, "
+                                  f"header = false, auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
+                                  f"allow_quoted_nulls = false, columns = {_csv_columns(columns)}))"
+                                  if csv.stat().st_size else _empty(columns))
+            with _converter() as mem:
+                return mem.execute(f"COPY ({RECORDS.format(**sources)}) TO {quote_literal(dest)} (FORMAT parquet)"
+                                   ).fetchone()[0]
         finally:
-            mem.close()
+            for csv in files:
+                csv.unlink(missing_ok=True)
 
     def _compact(self, base_seq: int, seq: int) -> None:
         """Merge base ``base_seq`` and delta ``seq`` (everything since it) into base ``seq``."""
@@ -238,6 +240,45 @@ class Publisher:
     def published(self) -> bool:
         """Whether any export has been published (a delta numbered above 0)."""
         return any(n > 0 for n, _ in self.lake.deltas())
+
+
+@functools.cache
+def _published_columns() -> dict[str, list[tuple[str, str]]]:
+    """The published tables' columns and DuckDB types, from the catalog schema (read once per process)."""
+    mem = duckdb.connect(":memory:")
+    try:
+        mem.execute(sql.SCHEMA)
+        return {table: [(n, t) for n, t, *_ in mem.execute(f"DESCRIBE {quote_identifier(table)}").fetchall()
+                        if n not in ("dirty", "in_delta")]
+                for table in PUBLISHED_TABLES}
+    finally:
+        mem.close()
+
+
+_CONVERTER: tuple[int, duckdb.DuckDBPyConnection] | None = None
+_CONVERTER_LOCK = threading.Lock()
+
+
+@contextmanager
+def _converter() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A cursor on this process's in-memory DuckDB, which turns a PostgreSQL export's CSV into Parquet.
+    Starting a DuckDB instance costs ~13 ms (its built-in catalog), once per export before; it holds no
+    file, so one per process is free to stay. A forked child starts its own."""
+    global _CONVERTER
+    with _CONVERTER_LOCK:
+        if _CONVERTER is None or _CONVERTER[0] != os.getpid():
+            con = duckdb.connect(":memory:")
+            con.execute("SET TimeZone = 'UTC'")
+            _CONVERTER = (os.getpid(), con)
+        cursor = _CONVERTER[1].cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
+def _empty(columns: list[tuple[str, str]]) -> str:
+    return f"(SELECT {', '.join(f'NULL::{t} AS {quote_identifier(n)}' for n, t in columns)} LIMIT 0)"
 
 
 def _pg_select(columns: list[tuple[str, str]], source: str) -> str:
