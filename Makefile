@@ -31,7 +31,7 @@ system-deps:
 # third of an import-heavy test's time. A kill (the crash tests) loses no written page either way.
 TEST_TMPDIR := $(shell [ -d /dev/shm ] && [ -w /dev/shm ] && echo /dev/shm || echo $${TMPDIR:-/tmp})
 test: env system-deps
-	TMPDIR=$(TEST_TMPDIR) AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q --durations=25
+	TMPDIR=$(TEST_TMPDIR) AUDIENCE_PIPELINE_ARTIFACTS=$(CURDIR)/test-artifacts $(VENV)/bin/pytest -q -n auto --dist worksteal --durations=25
 
 # docs/audience-history.png, the README's picture of one audience's history in the UI, taken by the browser
 # test's own steps (which, as every test run, write only to test-artifacts/), then copied.

@@ -67,11 +67,13 @@ class ImportWorker:
 
     def _close_cut_off_runs(self, upload_id: int) -> None:
         """A run of this process that a stop cut off stays 'started' in the instance (no daemon watches
-        in-process runs): mark it failed, so the UI shows it ended and that the upload runs again."""
+        in-process runs), or 'not started' when the stop fell between the run's creation and its start: mark it
+        failed, so the UI shows it ended and that the upload runs again."""
         instance = self.runner.instance
         for record in instance.get_run_records(filters=dg.RunsFilter(
                 tags={TAG_UPLOAD: str(upload_id)},
-                statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])):
+                statuses=[dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                          dg.DagsterRunStatus.STARTED])):
             instance.report_run_failed(record.dagster_run, message=(
                 f"the upload server stopped during this run; upload {upload_id} is imported again by a new run"))
 
