@@ -12,11 +12,7 @@ from audience_pipeline.sql import quote_literal
 
 
 def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB that spills to ``temp_dir`` beyond ``memory_limit``.
-
-    Insertion order is not needed by the set operations, and dropping it lets DuckDB stream more and
-    hold less (the line-numbering read keeps its own order).
-    """
+    """An in-memory DuckDB that spills to ``temp_dir`` beyond ``memory_limit``."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(":memory:")
     con.execute("SET memory_limit = ?", [memory_limit])
