@@ -26,7 +26,9 @@ system-deps:
 	fi
 
 # Screenshots of the UI tests land in test-artifacts/; the 25 slowest tests are listed at the end.
-# The tests' temporary folders (workspaces, Dagster instances, the PostgreSQL cluster) are in RAM when the
+# One pytest-xdist worker per core; with work stealing an idle worker takes tests queued on a busy one, so a
+# long test does not end the run alone. Every server a test starts listens on a free port of its own.
+# The tests' temporary folders (workspaces, Dagster instances, the PostgreSQL clusters) are in RAM when the
 # machine has /dev/shm: every import fsyncs its catalog and Dagster-storage commits, and on disk that was a
 # third of an import-heavy test's time. A kill (the crash tests) loses no written page either way.
 TEST_TMPDIR := $(shell [ -d /dev/shm ] && [ -w /dev/shm ] && echo /dev/shm || echo $${TMPDIR:-/tmp})
