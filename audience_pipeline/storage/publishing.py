@@ -267,11 +267,11 @@ def _converter() -> Iterator[duckdb.DuckDBPyConnection]:
     global _CONVERTER
     with _CONVERTER_LOCK:
         if _CONVERTER is None or _CONVERTER[0] != os.getpid():
-            con = duckdb.connect(":memory:")
-            con.execute("SET TimeZone = 'UTC'")
-            _CONVERTER = (os.getpid(), con)
+            _CONVERTER = (os.getpid(), duckdb.connect(":memory:"))
         cursor = _CONVERTER[1].cursor()
     try:
+        # a session setting: a cursor starts from the machine's zone, not its connection's
+        cursor.execute("SET TimeZone = 'UTC'")
         yield cursor
     finally:
         cursor.close()
