@@ -106,10 +106,14 @@ class ImportService:
 
     # -- step 1: raw file ---------------------------------------------------------------------------
     def receive(self, partition_key: str, delivery: str, source_uri: str, run_id: str | None,
-                file_name: str | None = None, profile: str | None = None) -> ImportRecord:
+                file_name: str | None = None, profile: str | None = None,
+                sha256_hint: str | None = None) -> ImportRecord:
         """Copy the delivered object into the content-addressed raw archive and open its import. An import
         of this delivery that another run left unfinished (it died) is taken over. ``profile``: the feed
-        profile the file is read with (recorded on the import; every later step reads it from there)."""
+        profile the file is read with (recorded on the import; every later step reads it from there).
+        ``sha256_hint``: the sha256 of a local file that the caller has just read whole (`audience-pipeline
+        import` hashes it for the partition key); when that content is in the archive already, the file is
+        neither read nor copied again (a re-delivery of a 500 MB list spent a second copying it)."""
         _progress("receiving")
         self.catalog.hold(partition_key, delivery)
         existing = self.catalog.find_import(partition_key, delivery)
@@ -124,34 +128,21 @@ class ImportService:
         feed_name, _, digest = parse_partition_key(partition_key)
         feed = self.workspace.feed(feed_name).for_profile(profile)
         received_at = datetime.now(UTC)
-        staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
-        staged.parent.mkdir(parents=True, exist_ok=True)
         # A delivery is one object, or (parts of one list found together) several, concatenated in order.
         if delivery.startswith("parts:"):
             parts = list(zip(json.loads(source_uri), json.loads(delivery[len("parts:"):]), strict=True))
         else:
             parts = [(source_uri, source_delivery(delivery))]
         listed = all(d.startswith("source:") for _, d in parts)
-        digest_obj = hashlib.sha256()
-        size, over_limit, retried, obj_name = 0, False, False, None
-        starts = []  # the byte offset where each part begins in the concatenation
-        with open(staged, "w+b") as out:
-            for part_uri, part_delivery in parts:
-                if size and os.pread(out.fileno(), 1, size - 1) != b"\n":
-                    out.write(b"\n")  # parts are concatenated line-wise
-                    digest_obj.update(b"\n")
-                    size += 1
-                starts.append(size)
-                context = (partition_key, delivery, source_uri, run_id, received_at, staged, profile)
-                obj_name, part_size, over_limit, part_retried = self._receive_part(
-                    part_uri, part_delivery, feed, out, digest_obj, feed.max_file_bytes - size, context)
-                size += part_size
-                retried = retried or part_retried
-                out.flush()
-                if over_limit:
-                    break
-        # a retried download hashed bytes it then threw away: hash the file as it stands
-        sha256 = sha256_file(staged) if retried else digest_obj.hexdigest()
+        known = self._archived_local_file(parts, sha256_hint)
+        if known is not None:
+            staged, (obj_name, size), sha256, starts = None, known, sha256_hint, [0]
+            over_limit = size > feed.max_file_bytes
+        else:
+            staged = self.lake.staging(f"receive_{os.getpid()}_{hashlib.sha1(delivery.encode()).hexdigest()[:12]}")
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            context = (partition_key, delivery, source_uri, run_id, received_at, staged, profile)
+            obj_name, size, over_limit, sha256, starts = self._stage(staged, parts, feed, context)
         file_name = file_name or obj_name
         faults.point("receive.downloaded")
         fmt = get_format(feed.format)
@@ -162,12 +153,13 @@ class ImportService:
         )
         faults.point("receive.begun")
         if over_limit:
-            staged.unlink(missing_ok=True)
+            if staged:
+                staged.unlink(missing_ok=True)
             return self._fail(record, f"{file_name}: over the feed's limit of {feed.max_file_bytes} bytes")
         archived = self.lake.raw_path(sha256)
-        if archived.exists():
+        if staged is not None and archived.exists():
             staged.unlink()
-        else:
+        elif staged is not None:
             archived.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, archived)
             self.lake.publish(archived)
@@ -184,6 +176,38 @@ class ImportService:
                 "the new content is a new version and will be imported on its own",
             )
         return record
+
+    def _stage(self, staged: Path, parts: list[tuple[str, str]], feed: FeedConfig, context: tuple):
+        """Download the parts, concatenated line-wise, onto ``staged``, hashing as they stream:
+        (name of the last object, size, over the size limit, sha256, the offset where each part begins)."""
+        digest = hashlib.sha256()
+        size, over_limit, retried, obj_name = 0, False, False, None
+        starts = []
+        with open(staged, "w+b") as out:
+            for part_uri, part_delivery in parts:
+                if size and os.pread(out.fileno(), 1, size - 1) != b"\n":
+                    out.write(b"\n")  # parts are concatenated line-wise
+                    digest.update(b"\n")
+                    size += 1
+                starts.append(size)
+                obj_name, part_size, over_limit, part_retried = self._receive_part(
+                    part_uri, part_delivery, feed, out, digest, feed.max_file_bytes - size, context)
+                size += part_size
+                retried = retried or part_retried
+                out.flush()
+                if over_limit:
+                    break
+        # a retried download hashed bytes it then threw away: hash the file as it stands
+        return obj_name, size, over_limit, sha256_file(staged) if retried else digest.hexdigest(), starts
+
+    def _archived_local_file(self, parts: list[tuple[str, str]], sha256_hint: str | None) -> tuple[str, int] | None:
+        """(name, size) of a single local file whose hinted content is in the local archive, else None."""
+        if sha256_hint is None or len(parts) != 1 or urlparse(parts[0][0]).scheme != "file":
+            return None
+        archived = self.lake.raw_path(sha256_hint)
+        if not archived.exists():
+            return None
+        return posixpath.basename(unquote(urlparse(parts[0][0]).path)), archived.stat().st_size
 
     def _parts_path(self, import_id: int) -> Path:
         return self.lake.validated_rows(import_id).with_name("parts.json")

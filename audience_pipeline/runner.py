@@ -19,6 +19,7 @@ from audience_pipeline.defs.assets import (
     TAG_FILE_NAME,
     TAG_ORIGIN,
     TAG_PROFILE,
+    TAG_SHA256,
     TAG_SOURCE_URI,
     audience_files,
 )
@@ -125,9 +126,10 @@ class Runner:
         self.workspace.feed(feed).for_profile(profile)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        pkey = partition_key(feed, path.name, sha256_file(path))
+        sha256 = sha256_file(path)
+        pkey = partition_key(feed, path.name, sha256)
         return self.run(pkey, profile_delivery(profile, f"cli:{uuid.uuid4().hex}"), path.resolve().as_uri(),
-                        {TAG_ORIGIN: "cli", **({TAG_DRY_RUN: "true"} if dry_run else {}),
+                        {TAG_ORIGIN: "cli", TAG_SHA256: sha256, **({TAG_DRY_RUN: "true"} if dry_run else {}),
                          **({TAG_PROFILE: profile} if profile else {})})
 
     def reimport(self, import_id: int) -> ImportRecord:

@@ -55,3 +55,32 @@ def test_versions_arriving_together_apply_in_arrival_order(make_env):
     assert env.members("s") == set()  # the DELETE that arrived last wins
     assert env.query("SELECT action FROM membership_events WHERE audience_name = 's' ORDER BY import_id") == [
         ("qualify",), ("disqualify",)]
+
+
+def test_a_cli_redelivery_of_archived_content_is_not_read_again(env):
+    """`audience-pipeline import` hashes the file for its partition key and hands the hash to the run (tag
+    `audience_pipeline/sha256`): content already in the raw archive is neither read nor copied again (a 500 MB
+    re-delivery spent a second copying it). Shown by a run whose file is gone by the time it starts: it
+    imports the archived content the hash names. A hash the archive does not hold is not trusted: that file
+    is read, hashed and archived as always."""
+    from audience_pipeline.hashing import sha256_file
+    from audience_pipeline.keys import partition_key
+
+    first = env.import_file("gone.csv", "a\nb\n")
+    path = env.drop / "gone.csv"
+    assert env.runner.instance.get_run_by_id(first.run_id).tags["audience_pipeline/sha256"] == first.sha256
+    path.unlink()
+    again = env.runner.run(partition_key("repro", "gone.csv", first.sha256), "cli:again", path.as_uri(),
+                           {"audience_pipeline/sha256": first.sha256})
+    assert (again.status, again.sha256, again.file_name) == ("skipped", first.sha256, "gone.csv")
+    assert "content identical" in again.error
+    assert env.members("gone") == {"a", "b"}
+
+    new = env.drop_file("gone.csv", "a\nc\n")
+    unknown = "f" * 64  # not in the archive: the file is read and hashed
+    sha = sha256_file(new)
+    record = env.runner.run(partition_key("repro", "gone.csv", sha), "cli:new", new.as_uri(),
+                            {"audience_pipeline/sha256": unknown})
+    assert (record.status, record.sha256) == ("succeeded", sha)
+    assert env.runner.service.lake.raw_path(sha).read_bytes() == b"a\nc\n"
+    assert env.members("gone") == {"a", "c"}

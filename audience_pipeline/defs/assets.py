@@ -21,6 +21,7 @@ TAG_FEED = "audience_pipeline/feed"
 TAG_ATTEMPT = "audience_pipeline/attempt"  # a sensor's retry of a delivery whose run failed or was abandoned
 TAG_ORIGIN = "audience_pipeline/origin"  # "cli" for runs of `audience-pipeline import` and `reimport`
 TAG_PROFILE = "audience_pipeline/profile"  # the feed profile (Loymax) whose options apply to the file
+TAG_SHA256 = "audience_pipeline/sha256"  # a local file's sha256, when the command that started the run hashed it
 
 
 def _delivery(context: dg.AssetExecutionContext) -> str | None:
@@ -113,7 +114,8 @@ def raw_audience_file(context: dg.AssetExecutionContext, audience_workspace: Aud
         if delivery and uri:
             record = service.receive(context.partition_key, delivery, uri, context.run.run_id,
                                      file_name=context.run.tags.get(TAG_FILE_NAME),
-                                     profile=context.run.tags.get(TAG_PROFILE))
+                                     profile=context.run.tags.get(TAG_PROFILE),
+                                     sha256_hint=context.run.tags.get(TAG_SHA256))
         else:
             record = _record(context, service)
     except ImportFailed as exc:
