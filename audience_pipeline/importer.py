@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from audience_pipeline.users import RegistryError, UsersRegistry
 from audience_pipeline.validate import ValidationResult, validate_file
 
 COMMIT_ATTEMPTS = 5
+SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 # Who follows an import's phases (the CLI's progress line): called with (phase, rows parsed or None). A context
 # variable rather than a parameter: a run's steps build their own ImportService, in the caller's thread.
@@ -201,8 +203,10 @@ class ImportService:
         return obj_name, size, over_limit, sha256_file(staged) if retried else digest.hexdigest(), starts
 
     def _archived_local_file(self, parts: list[tuple[str, str]], sha256_hint: str | None) -> tuple[str, int] | None:
-        """(name, size) of a single local file whose hinted content is in the local archive, else None."""
-        if sha256_hint is None or len(parts) != 1 or urlparse(parts[0][0]).scheme != "file":
+        """(name, size) of a single local file whose hinted content is in the local archive, else None. A hint
+        comes from a run tag, which anyone starting a run can set: only a well-formed digest names a file."""
+        if (sha256_hint is None or not SHA256_HEX.fullmatch(sha256_hint) or len(parts) != 1
+                or urlparse(parts[0][0]).scheme != "file"):
             return None
         archived = self.lake.raw_path(sha256_hint)
         if not archived.exists():

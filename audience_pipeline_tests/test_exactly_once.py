@@ -4,8 +4,9 @@ import json
 import time
 
 import dagster as dg
+import pytest
 
-from audience_pipeline.runner import sensor_context
+from audience_pipeline.runner import RunNotRecorded, sensor_context
 from audience_pipeline_tests.conftest import base_config
 
 
@@ -75,6 +76,10 @@ def test_a_cli_redelivery_of_archived_content_is_not_read_again(env):
     assert (again.status, again.sha256, again.file_name) == ("skipped", first.sha256, "gone.csv")
     assert "content identical" in again.error
     assert env.members("gone") == {"a", "b"}
+    # a tag that is not a well-formed digest names no archived file: the (missing) file is read, and fails
+    with pytest.raises(RunNotRecorded, match="gone.csv no longer exists"):
+        env.runner.run(partition_key("repro", "gone.csv", first.sha256), "cli:malformed", path.as_uri(),
+                       {"audience_pipeline/sha256": first.sha256.upper()})
 
     new = env.drop_file("gone.csv", "a\nc\n")
     unknown = "f" * 64  # not in the archive: the file is read and hashed

@@ -98,14 +98,15 @@ class _CatalogFile:
             self.fd = None
 
 
-_FILES: dict[Path, _CatalogFile] = {}
+_FILES: dict[tuple[int, Path], _CatalogFile] = {}
 _HOST: tuple[int, duckdb.DuckDBPyConnection] | None = None
 _SHARED_LOCK = threading.Lock()
 
 
 def _catalog_file(path: Path) -> _CatalogFile:
+    """This process's access to ``path`` (a forked child starts with none of its parent's holds)."""
     with _SHARED_LOCK:
-        return _FILES.setdefault(path, _CatalogFile(path))
+        return _FILES.setdefault((os.getpid(), path), _CatalogFile(path))
 
 
 def _host() -> duckdb.DuckDBPyConnection:
@@ -154,9 +155,9 @@ class DuckDBBackend:
     holds it, so every transaction on it is serial.
 
     The turn is an ``flock`` on a file beside the catalog (``_CatalogFile``). DuckDB's own lock on the
-    catalog file is not enough: with several processes opening and closing it in
-    turn, one of them now and then read a block past the end of the file (DuckDB 2.0.0: 1 to 4 sessions in
-    2,400 of six processes; ``IO Error: Could not read enough bytes``), which failed its import.
+    catalog file is not enough: with several processes opening and closing it in turn, one of them now and
+    then read a block past the end of the file (DuckDB 2.0.0: 1 to 4 sessions in 2,400 of six processes;
+    ``IO Error: Could not read enough bytes``), which failed its import.
     """
 
     kind = "duckdb"
