@@ -1,14 +1,39 @@
-"""DuckDB connections for the heavy, per-import work (never the catalog or the analyst file)."""
+"""DuckDB connections: the heavy, per-import work (never the catalog or the analyst file), and the one
+in-memory instance of each process (catalog sessions attach their file to it; exports convert with it)."""
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from audience_pipeline.sql import quote_literal
+
+_PROCESS_DB: tuple[int, duckdb.DuckDBPyConnection] | None = None
+_PROCESS_DB_LOCK = threading.Lock()
+
+
+@contextmanager
+def process_cursor() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A cursor, in UTC, on this process's own in-memory DuckDB. Creating a DuckDB instance costs ~12 ms
+    (its threads, cgroup probes, built-in catalog), a cursor on one well under a millisecond; the instance
+    holds no file, so it stays for the process's life. A forked child creates its own."""
+    global _PROCESS_DB
+    with _PROCESS_DB_LOCK:
+        if _PROCESS_DB is None or _PROCESS_DB[0] != os.getpid():
+            _PROCESS_DB = (os.getpid(), duckdb.connect(":memory:"))
+        cursor = _PROCESS_DB[1].cursor()
+    try:
+        # a session setting: a cursor starts from the machine's zone, not its connection's
+        cursor.execute("SET TimeZone = 'UTC'")
+        yield cursor
+    finally:
+        cursor.close()
 
 
 def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:

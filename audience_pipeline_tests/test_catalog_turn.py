@@ -2,7 +2,7 @@
 
 DuckDB's own file lock let a process, now and then, open the file while the previous holder was still
 closing it (``IO Error: Could not read enough bytes``; a CI run lost an import to it). Sessions now take an
-flock on ``catalog.duckdb.turn`` from before the open until after the close.
+flock on ``catalog.duckdb.turn`` from before they attach the file until after they have detached it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import duckdb
 
+from audience_pipeline.duck import process_cursor
 from audience_pipeline.sql import quote_identifier, quote_literal
 from audience_pipeline.storage import statements as sql
 from audience_pipeline.storage.liveness import AdvisoryLiveness, FileLiveness
@@ -55,12 +56,9 @@ class _CatalogFile:
                 self._attach(deadline, busy)
             self.depth += 1
             try:
-                cur = _host().cursor()
-                try:
+                with process_cursor() as cur:
                     cur.execute(f"USE {self.alias}")
                     yield cur
-                finally:
-                    cur.close()
             finally:
                 self.depth -= 1
                 if self.depth == 0:
@@ -99,32 +97,18 @@ class _CatalogFile:
 
 
 _FILES: dict[tuple[int, Path], _CatalogFile] = {}
-_HOST: tuple[int, duckdb.DuckDBPyConnection] | None = None
-_SHARED_LOCK = threading.Lock()
+_FILES_LOCK = threading.Lock()
 
 
 def _catalog_file(path: Path) -> _CatalogFile:
     """This process's access to ``path`` (a forked child starts with none of its parent's holds)."""
-    with _SHARED_LOCK:
+    with _FILES_LOCK:
         return _FILES.setdefault((os.getpid(), path), _CatalogFile(path))
 
 
-def _host() -> duckdb.DuckDBPyConnection:
-    """The process's in-memory DuckDB (a child process gets its own)."""
-    global _HOST
-    with _SHARED_LOCK:
-        if _HOST is None or _HOST[0] != os.getpid():
-            _HOST = (os.getpid(), duckdb.connect(":memory:"))
-        return _HOST[1]
-
-
 def _on_host(statement: str) -> None:
-    """One statement on a cursor of its own: a DuckDB connection object is not shared between threads."""
-    cur = _host().cursor()
-    try:
+    with process_cursor() as cur:
         cur.execute(statement)
-    finally:
-        cur.close()
 
 
 def _flock_by(fd: int, deadline: float, busy) -> None:
@@ -181,7 +165,6 @@ class DuckDBBackend:
     def session(self, schema: str) -> Iterator[Session]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _catalog_file(self.path.resolve()).cursor(time.monotonic() + self.lock_timeout, self._busy) as con:
-            con.execute("SET TimeZone = 'UTC'")
             if _schema_version(con) != (version := _version_of(schema)):
                 con.execute(schema)
                 if con.execute(sql.DUCKDB_NAME_CONSTRAINT).fetchone()[0]:

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import duckdb
 
 from audience_pipeline import faults
+from audience_pipeline.duck import process_cursor
 from audience_pipeline.sql import quote_identifier, quote_literal
 from audience_pipeline.storage import chunks
 from audience_pipeline.storage import statements as sql
@@ -174,7 +172,7 @@ class Publisher:
                                   f"header = false, auto_detect = false, delim = ',', quote = '\"', escape = '\"', "
                                   f"allow_quoted_nulls = false, columns = {_csv_columns(columns)}))"
                                   if csv.stat().st_size else _empty(columns))
-            with _converter() as mem:
+            with process_cursor() as mem:
                 return mem.execute(f"COPY ({RECORDS.format(**sources)}) TO {quote_literal(dest)} (FORMAT parquet)"
                                    ).fetchone()[0]
         finally:
@@ -253,28 +251,6 @@ def _published_columns() -> dict[str, list[tuple[str, str]]]:
                 for table in PUBLISHED_TABLES}
     finally:
         mem.close()
-
-
-_CONVERTER: tuple[int, duckdb.DuckDBPyConnection] | None = None
-_CONVERTER_LOCK = threading.Lock()
-
-
-@contextmanager
-def _converter() -> Iterator[duckdb.DuckDBPyConnection]:
-    """A cursor on this process's in-memory DuckDB, which turns a PostgreSQL export's CSV into Parquet.
-    Starting a DuckDB instance costs ~13 ms (its built-in catalog), once per export before; it holds no
-    file, so one per process is free to stay. A forked child starts its own."""
-    global _CONVERTER
-    with _CONVERTER_LOCK:
-        if _CONVERTER is None or _CONVERTER[0] != os.getpid():
-            _CONVERTER = (os.getpid(), duckdb.connect(":memory:"))
-        cursor = _CONVERTER[1].cursor()
-    try:
-        # a session setting: a cursor starts from the machine's zone, not its connection's
-        cursor.execute("SET TimeZone = 'UTC'")
-        yield cursor
-    finally:
-        cursor.close()
 
 
 def _empty(columns: list[tuple[str, str]]) -> str:
