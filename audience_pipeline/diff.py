@@ -18,42 +18,18 @@ import pyarrow.parquet as pq
 
 from audience_pipeline import faults
 from audience_pipeline.duck import arrow_utc, copy_to_parquet
-from audience_pipeline.sql import quote_identifier
 from audience_pipeline.storage.catalog import CurrentVersion, NewVersion
 from audience_pipeline.storage.lake import Lake
 
-# One aggregation over the file's rows and the previous lists together gives, per (audience, user), the
-# file's last command (line order decides) and the previous membership. It replaces a GROUP BY of the file
-# followed by a full outer join with the previous lists: one hash table instead of two, and at 16M IDs under
-# a 1 GB memory limit half the time (both spill). arg_max_null, not arg_max: a last command without an expiry
-# clears it (arg_max skips NULLs and would keep an earlier command's).
-MERGED = """
-SELECT audience_id, user_id, bool_or(in_file) AS touched, {file_state},
-       max(source_line) FILTER (WHERE in_file) AS source_line,
-       bool_or(NOT in_file) AS in_previous,
-       any_value(qualified_at) FILTER (WHERE NOT in_file) AS previous_qualified_at, {previous_state}
-FROM (
-    SELECT m.audience_id, r.user_id, true AS in_file, {file_columns}, r.source_line,
-           NULL::TIMESTAMPTZ AS qualified_at, NULL::TIMESTAMPTZ AS previous_expires_at
-    FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
-    UNION ALL
-    SELECT audience_id, user_id, false, NULL, NULL, NULL, qualified_at, {previous_columns} FROM {previous}
-)
-GROUP BY audience_id, user_id
-"""
-
-# The aggregate holds a state per (audience, user) and spills at 16M IDs, so its states are kept small and
-# fixed-width: with the action and data bags aggregated as text, an incremental import of 4M members once ran
-# out of its 1 GB. The action is a boolean, data bags are joined in afterwards by the line of the last
-# command, and when every row of the file is a plain add (Repro), or no previous member has an expiry or a
-# bag, constants stand in.
-# A file much smaller than the lists it changes (incremental commands against a big audience) takes another
-# road: its own last commands are grouped first (a small table), and a full outer join builds its hash table
-# on them and streams the previous lists past it, so no state is held per previous member at all. Grouping
-# 16M previous members with a few thousand commands ran out of a 1 GB memory limit about one time in three.
-SMALL_FILE_SHARE = 0.25
+# The file's last command per (audience, user) (line order decides), then one full outer join with the
+# previous lists gives, per pair, what the file says and what was there before. arg_max_null, not arg_max:
+# a last command without an expiry clears it (arg_max skips NULLs and would keep an earlier command's).
+# At 16M IDs under a 1 GB memory limit this takes 5.5 s where one aggregation over the union of both sides
+# took 8.5 s (DuckDB 2.0): the join's states are fixed-width and the previous lists stream past its build
+# side. The hash table is built on the smaller side, so incremental commands against a big audience hold no
+# state per previous member. Data bags are joined in afterwards by the line of the last command, and when
+# every row of the file is a plain add (Repro), constants stand in for the commands.
 FINAL_STATE = """
-CREATE OR REPLACE TEMP TABLE final_state AS
 SELECT m.audience_id, r.user_id, {file_state}, max(r.source_line) AS source_line
 FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
 GROUP BY m.audience_id, r.user_id
@@ -65,20 +41,11 @@ SELECT coalesce(f.audience_id, p.audience_id) AS audience_id, coalesce(f.user_id
        f.user_id IS NOT NULL AS touched, f.is_add, f.expires_at, f.source_line,
        p.user_id IS NOT NULL AS in_previous, p.qualified_at AS previous_qualified_at,
        {previous_expiry} AS previous_expires_at
-FROM final_state f FULL OUTER JOIN {previous} p ON p.audience_id = f.audience_id AND p.user_id = f.user_id
+FROM ({final_state}) f FULL OUTER JOIN {previous} p ON p.audience_id = f.audience_id AND p.user_id = f.user_id
 """
-ROW_COUNTS = """SELECT (SELECT count(*) FROM read_parquet($rows)),
-                       (SELECT count(*) FROM read_parquet($previous_files))"""
-
-FILE_COLUMNS = "r.action = 'add' AS is_add, {file_expiry} AS expires_at"
 # A relative expiry (mediarithmics' expiration_duration) counts from the import's instant.
 RELATIVE_EXPIRY = "coalesce(r.expires_at, $event_at::TIMESTAMPTZ + to_seconds(r.expires_in))"
-FILE_STATE = """arg_max_null(is_add, source_line) FILTER (WHERE in_file) AS is_add,
-       arg_max_null(expires_at, source_line) FILTER (WHERE in_file) AS expires_at"""
 PLAIN_ADDS = "true AS is_add, NULL::TIMESTAMPTZ AS expires_at"
-
-PREVIOUS_STATE = "any_value(previous_expires_at) FILTER (WHERE NOT in_file) AS previous_expires_at"
-PREVIOUS_PLAIN = "NULL::TIMESTAMPTZ AS previous_expires_at"
 
 FILE_BAGS = """LEFT JOIN (SELECT m.audience_id, r.user_id, r.source_line, r.data_bag
                           FROM read_parquet($rows) r JOIN audience_map m ON m.audience_key = r.audience_key
@@ -227,23 +194,9 @@ def compute_diff(
         [(previous_expiries, previous_bags)] = con.execute(PREVIOUS_ATTRIBUTES,
                                                            {"previous_files": previous_files}).fetchall()
     previous = PREVIOUS_FILES if previous_files else NO_PREVIOUS
-    small_file = False
-    if previous_files:
-        [(file_rows, previous_rows)] = con.execute(ROW_COUNTS, params).fetchall()
-        small_file = file_rows < SMALL_FILE_SHARE * previous_rows
-    if small_file:
-        state = FINAL_STATE_COMMANDS.format(file_expiry=file_expiry) if file_commands else PLAIN_ADDS
-        con.execute(FINAL_STATE.format(file_state=state),
-                    {"rows": str(rows_path), **({"event_at": event_at} if relative else {})})
-        merged = JOINED.format(previous=previous, previous_expiry="p.expires_at" if previous_expiries else "NULL")
-    else:
-        merged = MERGED.format(
-            file_columns=FILE_COLUMNS.format(file_expiry=file_expiry) if file_commands else PLAIN_ADDS,
-            file_state=FILE_STATE if file_commands else PLAIN_ADDS,
-            previous_columns="expires_at" if previous_expiries else "NULL",
-            previous_state=PREVIOUS_STATE if previous_expiries else PREVIOUS_PLAIN,
-            previous=previous,
-        )
+    state = FINAL_STATE_COMMANDS.format(file_expiry=file_expiry) if file_commands else PLAIN_ADDS
+    merged = JOINED.format(final_state=FINAL_STATE.format(file_state=state), previous=previous,
+                           previous_expiry="p.expires_at" if previous_expiries else "NULL")
     transitions = TRANSITIONS.format(
         merged=merged,
         file_bag="fb.data_bag" if file_bags else "NULL::VARCHAR",
@@ -288,8 +241,7 @@ def compute_diff(
     lake.publish(lake.events(import_id))
     faults.point("diff.moved_into_place")
     shutil.rmtree(staged)
-    for table in ("final_state", "audience_map"):
-        con.execute(f"DROP TABLE IF EXISTS {quote_identifier(table)}")
+    con.execute("DROP TABLE IF EXISTS audience_map")
     return DiffResult(versions=versions, pairs=pairs, noops=noops)
 
 

@@ -14,6 +14,10 @@ the command as a child of a fresh child, so ru_maxrss is that command's alone). 
                 previous list; no users registry, so (a), (b) and (c) do the same work. The workspace sets
                 `memory_limit: 1GB`, so the run also shows a 1 GB limit does not make it fail.
                 Also printed: the first import (all qualify) and a re-delivery of the same content (skipped).
+                Then its results are checked, through the analyst views: the members and the events (with
+                their line numbers) against what the generator says they must be, against (b)'s and (a)'s
+                outputs where those ran, and qualified_at kept for members who stayed. A difference prints
+                MISMATCH.
   (d) registry  the same churn import with a users registry of 1.25 x --ids users (20M at 16M IDs) in which
                 1% of the new list's IDs are missing (rejected as `unmatched`), reported on its own
   growth        (c) at each of --sizes, to show cost grows linearly with the number of IDs
@@ -256,6 +260,52 @@ def analyst_figures(out: Path, files: dict, n: int) -> dict:
     return figures
 
 
+def check_outputs(out: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """The churn import's results against what the generator says they must be, and against the other
+    strategies' outputs where they ran: the same members, the same events, the right line numbers.
+    Returns the mismatches (none when every strategy agrees) and what was compared."""
+    churn = n // 20
+    uid = ident(seed)
+    con = duckdb.connect(str(out / "ws_c" / "analytics.duckdb"), read_only=True)
+    con.execute(f"SET temp_directory = '{out / 'duckdb_tmp'}'")
+    con.execute("SET enable_progress_bar = false")
+    con.execute(f"CREATE TEMP TABLE expected_members AS SELECT {uid} AS user_id FROM range({churn}, {n + churn}) t(i)")
+    # qualify: the new list's last `churn` lines; disqualify: the previous list's first `churn` IDs, no line
+    con.execute(f"""CREATE TEMP TABLE expected_events AS
+                    SELECT {uid} AS user_id, 'qualify' AS action, i - {churn} + 1 AS source_line
+                    FROM range({n}, {n + churn}) t(i)
+                    UNION ALL SELECT {uid}, 'disqualify', NULL FROM range(0, {churn}) t(i)""")
+    con.execute("""CREATE TEMP TABLE got_events AS
+                   SELECT user_id, action, source_line FROM membership_events
+                   WHERE import_id = (SELECT max(import_id) FROM membership_events)""")
+    members = "SELECT user_id FROM members WHERE audience_name = 'big'"
+    comparisons = {
+        "members (import vs expected)": (members, "SELECT user_id FROM expected_members"),
+        "events with lines (import vs expected)": ("SELECT * FROM got_events", "SELECT * FROM expected_events"),
+    }
+    for name in ("floor", "naive"):
+        if (out / f"{name}_members.parquet").exists():
+            comparisons[f"members (import vs {name})"] = (members,
+                                                          f"SELECT user_id FROM '{out}/{name}_members.parquet'")
+            comparisons[f"events (import vs {name})"] = ("SELECT user_id, action FROM got_events",
+                                                         f"SELECT user_id, action FROM '{out}/{name}_events.parquet'")
+    problems = []
+    for label, (got, want) in comparisons.items():
+        [(extra, missing)] = con.execute(f"SELECT (SELECT count(*) FROM ({got} EXCEPT ALL {want})), "
+                                         f"(SELECT count(*) FROM ({want} EXCEPT ALL {got}))").fetchall()
+        if extra or missing:
+            problems.append(f"{label}: {extra:,} rows too many, {missing:,} missing")
+    # members who stayed keep the instant they first qualified; only the churn's newcomers qualified now
+    [(new_now,)] = con.execute("""SELECT count(*) FROM members WHERE audience_name = 'big'
+                                  AND qualified_at = (SELECT max(qualified_at) FROM members
+                                                      WHERE audience_name = 'big')""").fetchall()
+    if new_now != churn:
+        problems.append(f"qualified_at: {new_now:,} members qualified at the churn import, expected {churn:,}")
+    con.close()
+    shutil.rmtree(out / "duckdb_tmp", ignore_errors=True)
+    return problems, sorted(comparisons)
+
+
 def print_row(label: str, figure: tuple | None, note: str = "") -> None:
     if figure is None:
         return
@@ -297,6 +347,8 @@ def main() -> None:
         c = churn_imports(out, files, "ws_c")
         results["c_first"], results["c"] = c["first"], c["churn"]
         results["redeliver"] = cli_import(c["env"], "repro", files["new_csv"])
+    if "c" in parts:
+        results["checks"] = check_outputs(out, n, args.seed)
     if "d" in parts:
         d = churn_imports(out, files, "ws_d", files["registry"])
         results["d_first"], results["d"] = d["first"], d["churn"]
@@ -334,6 +386,10 @@ def main() -> None:
                   f"(target <= 1.5 GB)")
     if "c" in results:
         print(f"  (c) says: {last_line(results['c'][2])}")
+    if "checks" in results:
+        problems, compared = results["checks"]
+        print("  outputs: " + (f"MISMATCH: {'; '.join(problems)}" if problems else
+                               f"identical ({', '.join(compared)}; qualified_at kept for members who stayed)"))
     if "d" in results:
         print(f"  (d) says: {last_line(results['d'][2])}")
     if growth:
