@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from audience_pipeline import faults
-from audience_pipeline.duck import arrow_utc, copy_to_parquet
+from audience_pipeline.duck import arrow_utc, copy_to_parquet, read_ahead
 from audience_pipeline.storage.catalog import CurrentVersion, NewVersion
 from audience_pipeline.storage.lake import Lake
 
@@ -259,7 +259,7 @@ def _write_transitions(con: duckdb.DuckDBPyConnection, sql: str, params: dict, s
     writer, writing = None, None
     with pq.ParquetWriter(changes, changes_schema, compression="zstd", compression_level=1) as changes_out:
         try:
-            for batch in reader:
+            for batch in read_ahead(reader):
                 pairs += pc.sum(batch.column("touched")).as_py() or 0
                 changed = batch.filter(batch.column("changed"))
                 if changed.num_rows:

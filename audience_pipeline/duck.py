@@ -4,8 +4,9 @@ in-memory instance of each process (catalog sessions attach their file to it; ex
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +45,48 @@ def work_connection(temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnect
     con.execute("SET temp_directory = ?", [str(temp_dir)])
     con.execute("SET threads = ?", [max(1, os.cpu_count() or 1)])
     return con
+
+
+_END = object()
+
+
+def read_ahead(batches: Iterable[pa.RecordBatch], depth: int = 1) -> Iterator[pa.RecordBatch]:
+    """``batches``, pulled by a thread of their own. A streamed DuckDB result computes only when asked for
+    its next batch, and pyarrow encodes Parquet on one thread: pulled in turn, one of the two cores sits idle
+    while the other writes. Both let go of the GIL, so a reader thread keeps DuckDB at work meanwhile (the
+    16M churn import's diff: 21.6 s -> 18.7 s for the whole import). One batch waits at most, so memory grows
+    by one batch. An error of the reader is raised here; a consumer that stops early stops the reader."""
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for batch in batches:
+                if not hand(batch):
+                    return
+            hand(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            hand(exc)
+
+    reader = threading.Thread(target=pull, name="read_ahead", daemon=True)
+    reader.start()
+    try:
+        while (item := handoff.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 # zstd level 1 rather than DuckDB's default 3: on 30-character IDs it writes 40% faster and the files come

@@ -102,7 +102,9 @@ def _split_rows(con: duckdb.DuckDBPyConnection, classified: str, params: dict, r
 
     DuckDB cannot send one query to two files, and a second pass redoes the parsing, the checks and the
     registry lookup (a 20M-user join); materializing the classified rows instead spills at 16M rows. So the
-    query streams out as Arrow batches and each batch is split in two by a vectorized filter.
+    query streams out as Arrow batches and each batch is split in two by a vectorized filter. Not through
+    ``read_ahead`` (the diff's): here it gained nothing at 16M rows, and with a registry, whose lookup is held
+    while the rows stream, it raised the import's peak from 1.45 to 1.51 GB.
     """
     reader = con.sql(classified, params=params).to_arrow_reader(SPLIT_BATCH_ROWS)
     rows_schema = pa.schema([arrow_utc(reader.schema.field(c)) for c in CANONICAL_COLUMNS])
