@@ -347,7 +347,6 @@ def main() -> None:
         c = churn_imports(out, files, "ws_c")
         results["c_first"], results["c"] = c["first"], c["churn"]
         results["redeliver"] = cli_import(c["env"], "repro", files["new_csv"])
-    if "c" in parts:
         results["checks"] = check_outputs(out, n, args.seed)
     if "d" in parts:
         d = churn_imports(out, files, "ws_d", files["registry"])
